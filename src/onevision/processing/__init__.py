@@ -1,0 +1,95 @@
+"""Everything between a conversation and the model's input tensors (tokenizer, chat template, image/video).
+
+Shared here: `ProcessingError` (bad user input; a server maps it to HTTP 400) and `BatchFeature`, the dict the
+processors return (`.to(device, dtype)` casts floating tensors only, like transformers' BatchFeature).
+"""
+
+from __future__ import annotations
+
+from collections import UserDict
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ProcessingError(ValueError):
+    """The input can't be processed (wrong count of placeholders, unreadable media, unsupported content...)."""
+
+
+def _to_tensor(key: str, value: Any, kind: str | None) -> Any:
+    """Convert one output value to "pt"/"np" (None: leave as is)."""
+    if kind is None:
+        return value
+    if kind not in ("pt", "np"):
+        raise ProcessingError(f"return_tensors must be 'pt', 'np' or None, got {kind!r}")
+    if kind == "pt":
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray)):
+            items = [torch.as_tensor(v) for v in value]
+            if len({tuple(v.shape) for v in items}) > 1:
+                shapes = sorted({tuple(v.shape) for v in items})
+                raise ProcessingError(
+                    f"cannot stack {key!r} into one tensor: items have different shapes {shapes}; "
+                    "use the same number of frames for every video (num_frames=...) or return_tensors=None")
+            return torch.stack(items)
+        try:
+            return torch.tensor(value)
+        except (ValueError, TypeError) as e:
+            raise ProcessingError(f"cannot make a tensor of {key!r} (ragged lists need padding=True): {e}") from None
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    try:
+        return np.array([np.asarray(v) for v in value] if isinstance(value, (list, tuple)) else value)
+    except ValueError as e:
+        raise ProcessingError(f"cannot make an array of {key!r} (ragged lists need padding=True): {e}") from None
+
+
+class BatchFeature(UserDict):
+    """Model inputs by name; attribute access (`inputs.input_ids`) and `.to(device, dtype)` like transformers."""
+
+    def __init__(self, data: dict | None = None, tensor_type: str | None = None):
+        super().__init__(data or {})
+        self.convert_to_tensors(tensor_type)
+
+    def convert_to_tensors(self, tensor_type: str | None = None) -> BatchFeature:
+        for key in list(self.data):
+            self.data[key] = _to_tensor(key, self.data[key], tensor_type)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getstate__(self):
+        return {"data": self.data}
+
+    def __setstate__(self, state):
+        self.data = state["data"]
+
+    def to(self, *args, **kwargs) -> BatchFeature:
+        """`.to(device)`, `.to(dtype)` or `.to(device, dtype)`: floating tensors get the dtype, all get the device."""
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        out = {}
+        for key, value in self.data.items():
+            if isinstance(value, torch.Tensor):
+                if dtype is not None and torch.is_floating_point(value):
+                    value = value.to(device=device, dtype=dtype)
+                elif device is not None:
+                    value = value.to(device=device)
+            out[key] = value
+        self.data = out
+        return self
+
+
+__all__ = ["BatchFeature", "ProcessingError"]

@@ -1,0 +1,405 @@
+"""LLaVA-OneVision: SigLIP tower -> 2-layer GELU projector -> anyres packing / video pooling -> merge -> Qwen2.
+
+Reference: transformers LlavaOnevisionModel / LlavaOnevisionForConditionalGeneration (SPEC §5). Module and
+parameter names are the reference's in-memory names, so loading is a prefix rename (loading.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onevision import geometry
+from onevision.config import LlavaOnevisionConfig
+from onevision.generation.cache import KVCache
+from onevision.models import attention
+from onevision.models.qwen2 import Qwen2Model
+from onevision.models.siglip import SiglipVisionTower, activation
+
+
+class ModelOutput(dict):
+    """A dict with attribute access that drops None fields, like transformers' ModelOutput."""
+
+    def __init__(self, **fields: Any):
+        super().__init__({k: v for k, v in fields.items() if v is not None})
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "cache":
+            name = "past_key_values"
+        if name in self:
+            return self[name]
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __getitem__(self, key: str | int) -> Any:
+        return list(self.values())[key] if isinstance(key, int) else super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+class LlavaOnevisionMultiModalProjector(nn.Module):
+    def __init__(self, cfg: LlavaOnevisionConfig):
+        super().__init__()
+        layers = 1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer)
+        bias, hidden = cfg.multimodal_projector_bias, cfg.text_config.hidden_size
+        self.linear_1 = nn.Linear(cfg.vision_config.hidden_size * layers, hidden, bias=bias)
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def pack_anyres(features: torch.Tensor, size: tuple[int, int], newline: torch.Tensor,
+                cfg: LlavaOnevisionConfig, vision_aspect_ratio: str) -> torch.Tensor:
+    """One image's projected patches (1 + rows*cols, side*side, C) -> (729 + h*(w+1), C): base tokens, then the
+    unpadded (and, above 1.1x the budget, bilinearly downscaled) grid row by row, a newline after each row."""
+    side = cfg.vision_config.num_patches_per_side
+    base, tiles = features[0], features[1:]
+    if base.shape[0] != side * side:
+        raise ValueError(f"anyres packing needs {side * side} tokens per patch, got {base.shape[0]}; "
+                         "vision_feature_select_strategy='default' drops one and cannot be packed")
+    rows, cols = geometry.anyres_grid(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    c = tiles.shape[-1]
+    # (rows*cols, side*side, C) -> (C, rows*side, cols*side): tile (r, q) covers rows r*side.., cols q*side..
+    grid = tiles.view(rows, cols, side, side, c).permute(4, 0, 2, 1, 3).reshape(c, rows * side, cols * side)
+    row_slice, col_slice = geometry.unpad_slice(size, (rows * side, cols * side))
+    grid = grid[:, row_slice, col_slice]
+    target = geometry.downscaled_grid(tuple(grid.shape[1:]), side, geometry.max_patches_of(vision_aspect_ratio))
+    if target is not None:
+        grid = F.interpolate(grid[None], size=list(target), mode="bilinear")[0]
+    h, w = grid.shape[1:]
+    grid = torch.cat((grid, newline[:, None, None].expand(c, h, 1).to(grid.dtype)), dim=-1)  # (C, h, w + 1)
+    return torch.cat((base, grid.flatten(1, 2).transpose(0, 1)), dim=0)
+
+
+class LlavaOnevisionModel(nn.Module):
+    """Vision tower + projector + language model without the LM head."""
+
+    def __init__(self, config: LlavaOnevisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionTower(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        self.language_model = Qwen2Model(config.text_config)
+
+    # -- vision -------------------------------------------------------------------------------------------
+    def _vision_features(self, pixel_values: torch.Tensor, vision_feature_layer, strategy: str) -> torch.Tensor:
+        """(N, 3, 384, 384) -> projected (N, 729, C)."""
+        layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+        hidden, _ = self.vision_tower(pixel_values, layers)
+        feats = torch.cat(hidden, dim=-1)
+        if strategy == "default":
+            feats = feats[:, 1:]
+        elif strategy != "full":
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        return self.multi_modal_projector(feats)
+
+    def _patches_per_image(self, image_sizes: torch.Tensor, batch_num_images) -> list[int]:
+        n_images = len(image_sizes)
+        if batch_num_images is None:
+            patched = [True] * n_images
+        else:
+            counts = [int(n) for n in batch_num_images]
+            patched = [n == 1 for n in counts for _ in range(n)]
+            if len(patched) != n_images:
+                raise ValueError(f"batch_num_images {counts} adds up to {len(patched)} images, but image_sizes has "
+                                 f"{n_images} rows; pass the processor's batch_num_images unchanged")
+        cfg = self.config
+        return [geometry.num_anyres_patches(tuple(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                if p else 1 for s, p in zip(image_sizes.tolist(), patched)]
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                           vision_feature_layer=None, vision_feature_select_strategy: str | None = None,
+                           vision_aspect_ratio: str | None = None, batch_num_images=None) -> list[torch.Tensor]:
+        """pixel_values (N, P, 3, 384, 384) or (sum P, 3, 384, 384) -> packed features per image, [(n_i, C)]."""
+        cfg = self.config
+        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or cfg.vision_feature_select_strategy
+        aspect = vision_aspect_ratio or cfg.vision_aspect_ratio
+        if image_sizes is None:
+            raise ValueError("image_sizes is required with pixel_values (the processor returns both)")
+        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
+        counts = self._patches_per_image(image_sizes, batch_num_images)
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(counts):
+                raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes has {len(counts)}")
+            if any(n > pixel_values.shape[1] for n in counts):
+                raise ValueError(f"pixel_values has {pixel_values.shape[1]} patches per image, but the image sizes "
+                                 f"need {max(counts)}; pass the processor's pixel_values and image_sizes together")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}, expected 4 or 5 dimensions")
+        feats = self._vision_features(pixel_values, layer, strategy).split(counts, dim=0)
+        packed = []
+        for f, size in zip(feats, image_sizes.tolist()):
+            if f.shape[0] > 1:
+                packed.append(pack_anyres(f, tuple(size), self.image_newline, cfg, aspect))
+            else:
+                packed.append(torch.cat((f[0], self.image_newline[None].to(f.dtype)), dim=0))
+        return packed
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None,
+                            vision_aspect_ratio: str = "anyres_max_9"):
+        """Reference-compatible packing of per-image (P, 729, C) features -> (list of (n_i, C), lengths)."""
+        newline = self.image_newline if image_newline is None else image_newline
+        out = [pack_anyres(f, tuple(torch.as_tensor(s).tolist()), newline, self.config, vision_aspect_ratio)
+               if f.shape[0] > 1 else torch.cat((f[0], newline[None].to(f.dtype)), dim=0)
+               for f, s in zip(image_features, image_sizes)]
+        return out, torch.tensor([o.shape[0] for o in out], dtype=torch.long, device=out[0].device)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
+                           vision_feature_select_strategy: str | None = None) -> torch.Tensor:
+        """(B, T, 3, 384, 384) -> (B, T*196 + 1, C): each frame's 27x27 grid pooled to 14x14, one newline per video."""
+        cfg = self.config
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos of shape {tuple(pixel_values_videos.shape)}, expected "
+                             "(videos, frames, 3, height, width)")
+        b, t = pixel_values_videos.shape[:2]
+        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or cfg.vision_feature_select_strategy
+        feats = self._vision_features(pixel_values_videos.flatten(0, 1), layer, strategy)
+        side = cfg.vision_config.num_patches_per_side
+        c = feats.shape[-1]
+        grid = feats.view(b * t, side, side, c).permute(0, 3, 1, 2)  # (B*T, C, 27, 27)
+        pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        pooled = pooled.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, T*196, C)
+        newline = self.image_newline[None, None].expand(b, 1, c).to(pooled.dtype)
+        return torch.cat((pooled, newline), dim=1)
+
+    # -- merge ------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        """Boolean (B, S, 1) masks of the image and video placeholder positions; a count mismatch is a ValueError."""
+        cfg = self.config
+        if input_ids is None:
+            embed = self.get_input_embeddings()
+            ids = torch.tensor([cfg.image_token_index, cfg.video_token_index], device=inputs_embeds.device)
+            image_vec, video_vec = embed(ids).to(inputs_embeds.dtype)
+            image_mask = (inputs_embeds == image_vec).all(-1)
+            video_mask = (inputs_embeds == video_vec).all(-1)
+        else:
+            image_mask, video_mask = input_ids == cfg.image_token_index, input_ids == cfg.video_token_index
+        for kind, mask, feats in (("Image", image_mask, image_features), ("Video", video_mask, video_features)):
+            if feats is not None and int(mask.sum()) * inputs_embeds.shape[-1] != feats.numel():
+                raise ValueError(f"{kind} features and {kind.lower()} tokens do not match, tokens: {int(mask.sum())}, "
+                                 f"features: {feats.shape[0]}. The prompt must hold exactly as many <{kind.lower()}> "
+                                 "tokens as the processor inserted; build inputs with the processor.")
+        return image_mask.unsqueeze(-1), video_mask.unsqueeze(-1)
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, pixel_values_videos=None,
+                image_sizes_videos=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                vision_aspect_ratio=None, batch_num_images=None, use_cache=None, output_hidden_states=None,
+                output_attentions=None, cache=None, **kwargs) -> ModelOutput:
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) {sorted(kwargs)} to {type(self).__name__}.forward")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        past_key_values = cache if past_key_values is None else past_key_values
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = video_features = None
+        if pixel_values is not None:
+            # the placeholder aspect ratio always comes from config, like the reference (SPEC §8.12)
+            image_features = torch.cat(self.get_image_features(
+                pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy,
+                batch_num_images=batch_num_images), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        if pixel_values_videos is not None:
+            video_features = self.get_video_features(pixel_values_videos, vision_feature_layer,
+                                                     vision_feature_select_strategy)
+            flat = video_features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+            _, mask = self.get_placeholder_mask(input_ids, inputs_embeds, video_features=flat)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
+        use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            b, s, _ = inputs_embeds.shape
+            past_key_values = self.language_model.make_cache(b, s, inputs_embeds.dtype, inputs_embeds.device)
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise TypeError(f"past_key_values must be a onevision KVCache (from a previous output), got "
+                            f"{type(past_key_values).__name__}")
+        hidden, all_hidden, attentions = self.language_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values if use_cache else None,
+            bool(output_hidden_states), bool(output_attentions))
+        return ModelOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+                           hidden_states=tuple(all_hidden) if all_hidden else None,
+                           attentions=tuple(attentions) if attentions else None,
+                           image_hidden_states=image_features, video_hidden_states=video_features)
+
+
+class LlavaOnevisionForConditionalGeneration(nn.Module):
+    """The full model with the LM head; `from_pretrained` / `save_pretrained` / `generate` like transformers."""
+
+    def __init__(self, config: LlavaOnevisionConfig, attn_implementation: str | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlavaOnevisionModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.set_attn_implementation(attn_implementation or "sdpa")
+        self.generation_config = None
+
+    # -- properties of the transformers API --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def language_model(self) -> Qwen2Model:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> SiglipVisionTower:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> LlavaOnevisionMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_attn_implementation(self, name: str) -> None:
+        name = attention.check_implementation(name)
+        self.attn_implementation = name
+        for module in self.modules():
+            if hasattr(module, "impl"):
+                module.impl = name
+
+    def get_image_features(self, *args, **kwargs) -> list[torch.Tensor]:
+        return self.model.get_image_features(*args, **kwargs)
+
+    def get_video_features(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.get_video_features(*args, **kwargs)
+
+    def pack_image_features(self, *args, **kwargs):
+        return self.model.pack_image_features(*args, **kwargs)
+
+    def get_placeholder_mask(self, *args, **kwargs):
+        return self.model.get_placeholder_mask(*args, **kwargs)
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, pixel_values_videos=None,
+                image_sizes_videos=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                vision_aspect_ratio=None, batch_num_images=None, labels=None, use_cache=None,
+                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, output_attentions=None,
+                cache=None, **kwargs) -> ModelOutput:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        out = self.model(input_ids, pixel_values, image_sizes, pixel_values_videos, image_sizes_videos, attention_mask,
+                         position_ids, past_key_values, inputs_embeds, vision_feature_layer,
+                         vision_feature_select_strategy, vision_aspect_ratio, batch_num_images, use_cache,
+                         output_hidden_states, output_attentions, cache, **kwargs)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
+                           image_hidden_states=out.image_hidden_states, video_hidden_states=out.video_hidden_states)
+
+    # -- loading / saving ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype: Any = "auto",
+                        device_map: Any = None, attn_implementation: str | None = None,
+                        use_flash_attention_2: bool = False, torch_dtype: Any = None,
+                        quantization_config: Any = None, **hub_kwargs: Any):
+        """Build on the meta device and assign memory-mapped safetensors: peak memory ~ one copy of the weights."""
+        from onevision import loading
+
+        if quantization_config is not None:
+            raise NotImplementedError("quantization_config (bitsandbytes) is not supported yet")
+        unknown = set(hub_kwargs) - {"revision", "cache_dir", "token", "local_files_only", "force_download",
+                                     "low_cpu_mem_usage", "trust_remote_code"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected argument(s) {sorted(unknown)}")
+        hub = {k: v for k, v in hub_kwargs.items() if k not in ("low_cpu_mem_usage", "trust_remote_code")}
+        if use_flash_attention_2:
+            attn_implementation = "flash_attention_2"
+        folder = loading.resolve_files(path_or_repo_id, ["*.json", "*.safetensors", "*.jinja", "*.txt"], **hub)
+        config = LlavaOnevisionConfig.from_pretrained(folder)
+        dtype = loading.resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config.dtype, folder)
+        device = loading.resolve_device(device_map)
+        with torch.device("meta"):
+            model = cls(config, attn_implementation=attn_implementation)
+        tied = config.tie_word_embeddings
+        loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else ())
+        if tied:
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        rotary = model.model.language_model.rotary_emb
+        rotary.inv_freq = rotary.compute_inv_freq(device)
+        model.config.dtype = str(dtype).removeprefix("torch.")
+        model.generation_config = _load_generation_config(folder, config)
+        model.name_or_path = str(path_or_repo_id)
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json, generation_config.json and safetensors in the llava-hf hub layout."""
+        from onevision import loading
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        self.config.save_pretrained(save_directory)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        loading.save_checkpoint(state, str(save_directory), _parse_size(max_shard_size))
+
+    def generate(self, *args, **kwargs):
+        from onevision.generation.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross entropy in float32; -100 labels are ignored (the reference's ForCausalLMLoss)."""
+    logits = logits.float()
+    labels = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _load_generation_config(folder: str, config: LlavaOnevisionConfig):
+    try:
+        from onevision.generation.generate import GenerationConfig
+    except ImportError:  # generation not built yet
+        return None
+    return GenerationConfig.from_model_folder(folder, config)

@@ -1,0 +1,112 @@
+"""SigLIP vision tower (so400m-patch14-384 with the last layer dropped), as used by LLaVA-OneVision.
+
+Reference: transformers SiglipVisionModel. Only the encoder layers needed for the requested feature
+layers are run; post_layernorm exists (the checkpoints carry it) but is never applied to the features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onevision.config import SiglipVisionConfig
+from onevision.models.attention import attend
+
+
+def activation(name: str):
+    table = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu,
+             "relu": F.relu}
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(table)}")
+    return table[name]
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (N, 3, 384, 384) -> (N, 1152, 27, 27) -> (N, 729, 1152)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return x.flatten(2).transpose(1, 2) + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.impl = "sdpa"
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, _ = x.shape
+        # (B, N, C) -> (B, heads, N, head_dim)
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out, weights = attend(self.impl, q, k, v, None, False, self.head_dim**-0.5, need_weights)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1)), weights
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.act = activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, weights = self.self_attn(self.layer_norm1(x), need_weights)
+        x = x + h
+        return x + self.mlp(self.layer_norm2(x)), weights
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class SiglipVisionTower(nn.Module):
+    """Returns the hidden states the caller asks for; layer index semantics are the reference's
+    (0 = embeddings, i = output of layer i, -1 = output of the last layer)."""
+
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, layers: list[int] | None = None,
+                output_attentions: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """pixel_values (N, 3, H, W) -> (hidden states at `layers` (all when None), attention weights or None)."""
+        n_layers = len(self.encoder.layers)
+        wanted = list(range(n_layers + 1)) if layers is None else [i % (n_layers + 1) for i in layers]
+        last = n_layers if output_attentions else max(wanted)
+        x = self.embeddings(pixel_values)
+        kept = {0: x} if 0 in wanted else {}  # only the requested layers stay alive
+        attentions = [] if output_attentions else None
+        for i, layer in enumerate(self.encoder.layers[:last], 1):
+            x, weights = layer(x, output_attentions)
+            if i in wanted:
+                kept[i] = x
+            if attentions is not None:
+                attentions.append(weights)
+        return [kept[i] for i in wanted], attentions

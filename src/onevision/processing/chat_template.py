@@ -1,0 +1,152 @@
+"""Chat templates rendered with Jinja2 in a sandbox, as transformers does (trim_blocks, lstrip_blocks, tojson,
+raise_exception, strftime_now, loopcontrols) plus the `{% generation %}` block that marks assistant text.
+
+`render_chat(messages, template, ...)` returns the prompt and the (start, end) character spans of every
+`{% generation %}` block, from which the processor builds `assistant_masks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from onevision.processing import ProcessingError
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+_SPANS: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("onevision_spans", default=None)
+
+
+class _GenerationExtension(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body and records where it landed in the output."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_track", []), [], [], body).set_lineno(lineno)
+
+    def _track(self, caller) -> str:
+        text = caller()
+        tracking = _SPANS.get()
+        if tracking is not None:
+            blocks, spans = tracking
+            start = sum(len(b) for b in blocks)
+            spans.append((start, start + len(text)))
+        return text
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def compile_template(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationExtension, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ProcessingError(f"the chat template is not valid Jinja: {e}") from None
+
+
+def template_variables(template: str) -> set[str]:
+    """Names the template reads from its context (kwargs not in here are processor kwargs)."""
+    env = compile_template(template).environment
+    return jinja2.meta.find_undeclared_variables(env.parse(template))
+
+
+def plain_data(value: Any) -> Any:
+    """Rebuild the template's inputs from plain JSON types; media objects become inert "<type>" strings."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, np.generic):  # np.bool_(False) must stay falsy
+        return plain_data(value.item())
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def render_chat(messages: list[dict], template: str, add_generation_prompt: bool = False,
+                continue_final_message: bool = False, track_generation: bool = False,
+                **kwargs) -> tuple[str, list[tuple[int, int]]]:
+    """Render one conversation; returns (prompt, spans of {% generation %} blocks, empty unless tracked)."""
+    compiled = compile_template(template)
+    chat = plain_data(list(messages))
+    final_text = None
+    if continue_final_message:
+        if not chat:
+            raise ProcessingError("continue_final_message is set but the conversation is empty")
+        content = chat[-1].get("content")
+        if isinstance(content, str):
+            final_text, chat[-1]["content"] = content, content + _CONTINUE_TAG
+        else:
+            for block in reversed(content or []):
+                if isinstance(block, dict) and "text" in block:
+                    final_text = block["text"]
+                    block["text"] = block["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ProcessingError("continue_final_message is set but the final message has no text to continue")
+    context = dict(plain_data(kwargs), messages=chat, add_generation_prompt=add_generation_prompt)
+    context.setdefault("tools", None)
+    context.setdefault("documents", None)
+    spans: list[tuple[int, int]] = []
+    try:
+        if track_generation:
+            blocks: list[str] = []
+            token = _SPANS.set((blocks, spans))
+            try:
+                for block in compiled.generate(**context):
+                    blocks.append(block)
+            finally:
+                _SPANS.reset(token)
+            prompt = "".join(blocks)
+        else:
+            prompt = compiled.render(**context)
+    except jinja2.exceptions.SecurityError as e:
+        raise ProcessingError(f"the chat template tried an unsafe operation: {e}") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise ProcessingError(f"the chat template failed: {e}") from None
+    if continue_final_message:
+        tag = _CONTINUE_TAG.strip()
+        if tag not in prompt or final_text.strip() not in prompt:
+            raise ProcessingError("continue_final_message is set but the template dropped the final message")
+        loc = prompt.rindex(tag)
+        prompt = prompt[:loc] if prompt[loc:loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG else prompt[:loc].rstrip()
+    return prompt, spans
+
+
+__all__ = ["compile_template", "plain_data", "render_chat", "template_variables"]
