@@ -96,7 +96,9 @@ class LlavaOnevisionModel(nn.Module):
         """(N, 3, 384, 384) -> projected (N, 729, C)."""
         layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
         hidden, _ = self.vision_tower(pixel_values, layers)
-        feats = torch.cat(hidden, dim=-1)
+        # no copy for a single layer: the tower's output is channels-strided, and the reference feeds the
+        # projector that same layout (a contiguous copy takes another bf16 matmul kernel, changing the bits)
+        feats = hidden[0] if isinstance(vision_feature_layer, int) else torch.cat(hidden, dim=-1)
         if strategy == "default":
             feats = feats[:, 1:]
         elif strategy != "full":

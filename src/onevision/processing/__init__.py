@@ -60,6 +60,15 @@ class BatchFeature(UserDict):
             self.data[key] = _to_tensor(key, self.data[key], tensor_type)
         return self
 
+    def keys(self):
+        return self.data.keys()
+
+    def values(self):
+        return self.data.values()
+
+    def items(self):
+        return self.data.items()
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.data[name]

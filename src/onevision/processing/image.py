@@ -232,10 +232,10 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
         return x.movedim(-1, 0)
 
     def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        channels, height, width = image.shape
+        *lead, channels, height, width = image.shape  # (..., C, H, W)
         if (height, width) == tuple(size):
             return image
-        batch = image.reshape(1, channels, height, width)
+        batch = image.reshape(-1, channels, height, width)
         dtype = image.dtype
         cast = dtype not in (torch.uint8, torch.float32, torch.float64)
         if cast:
@@ -245,7 +245,7 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
             if not dtype.is_floating_point:
                 out = out.clamp_(0, 255).round_() if dtype == torch.uint8 else out.round_()
             out = out.to(dtype)
-        return out[0]
+        return out.reshape(*lead, channels, *size)
 
     def _pad(self, image: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
         return F.pad(image, padding, value=0) if any(padding) else image
