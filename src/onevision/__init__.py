@@ -18,6 +18,7 @@ _EXPORTS = {
     # models
     "LlavaOnevisionModel": "onevision.models.llava_onevision",
     "LlavaOnevisionForConditionalGeneration": "onevision.models.llava_onevision",
+    "BitsAndBytesConfig": "onevision.quantization",
     # processing
     "AutoProcessor": "onevision.processing.processor",
     "LlavaOnevisionProcessor": "onevision.processing.processor",

@@ -116,8 +116,6 @@ class SiglipVisionConfig(_Config):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def num_patches_per_side(self) -> int:

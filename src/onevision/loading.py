@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -120,7 +120,7 @@ def iter_checkpoint(files: list[str]) -> Iterator[tuple[str, object, str]]:
                 yield name, f, file
 
 
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
@@ -131,9 +131,12 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None, device: torch.device | str,
-                    skip: Iterable[str] = ()) -> None:
+                    skip: Iterable[str] = (), set_tensor: Callable[[nn.Module, str, torch.Tensor], None] | None = None,
+                    ) -> None:
     """Assign every tensor of the checkpoint in `folder` to the (meta) model. Strict: a missing or unexpected
-    tensor, or a shape mismatch, is an error that names the tensor and both shapes."""
+    tensor, or a shape mismatch, is an error that names the tensor and both shapes. `set_tensor` (default:
+    plain assignment) lets a quantizer take each weight as it streams in."""
+    set_tensor = set_tensor or assign_tensor
     skip = set(skip)
     persistent = set(model.state_dict(keep_vars=True)) - skip
     expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in persistent}
@@ -162,7 +165,7 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None, de
             raise CheckpointError(f"cannot read tensor {raw!r} from {file}: {e}. The file is corrupted; "
                                   "download it again.") from e
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        _set_tensor(model, name, tensor.to(device=device, dtype=cast))
+        set_tensor(model, name, tensor.to(device=device, dtype=cast))
     missing = sorted(set(expected) - set(seen))
     if unexpected or missing:
         raise CheckpointError(

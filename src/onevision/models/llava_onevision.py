@@ -333,8 +333,6 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         """Build on the meta device and assign memory-mapped safetensors: peak memory ~ one copy of the weights."""
         from onevision import loading
 
-        if quantization_config is not None:
-            raise NotImplementedError("quantization_config (bitsandbytes) is not supported yet")
         unknown = set(hub_kwargs) - {"revision", "cache_dir", "token", "local_files_only", "force_download",
                                      "low_cpu_mem_usage", "trust_remote_code"}
         if unknown:
@@ -348,8 +346,14 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         device = loading.resolve_device(device_map)
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation)
+        set_tensor = None
+        if quantization_config is not None:
+            from onevision.quantization import prepare_quantized_loading
+
+            set_tensor = prepare_quantized_loading(model, quantization_config, dtype, device)
         tied = config.tie_word_embeddings
-        loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else ())
+        loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else (),
+                                set_tensor=set_tensor)
         if tied:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         rotary = model.model.language_model.rotary_emb

@@ -140,11 +140,13 @@ class Qwen2TokenizerFast:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        return [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
+        """Named special tokens + additional ones (like transformers; <image>/<video> are added, not listed)."""
+        named = [getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None]
+        return list(dict.fromkeys(named + self.additional_special_tokens))
 
     @property
     def all_special_ids(self) -> list[int]:
-        return [i for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items()) if t.special]
+        return [self._tokenizer.token_to_id(t) for t in self.all_special_tokens]
 
     # ---------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
