@@ -377,10 +377,17 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             state.pop("lm_head.weight", None)
         loading.save_checkpoint(state, str(save_directory), _parse_size(max_shard_size))
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        """transformers-style generate (see onevision.generation.generate)."""
         from onevision.generation.generate import generate
 
         return generate(self, *args, **kwargs)
+
+    def stream(self, **kwargs):
+        """Yield generated text pieces: `for piece in model.stream(**inputs, processor=processor, ...)`."""
+        from onevision.generation.generate import stream
+
+        return stream(self, **kwargs)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class Qwen2TokenizerFast:
         self.model_max_length = int(config.get("model_max_length") or 10**30)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template = config.get("chat_template")
+        self.force_bpe_cleanup = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
 
     # ---------------------------------------------------------------- loading / saving
     @classmethod
@@ -224,6 +226,11 @@ class Qwen2TokenizerFast:
         text = self._tokenizer.decode([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces and not self.force_bpe_cleanup:
+            # like transformers 5: the WordPiece-era cleanup would corrupt byte-level BPE text, so it is skipped
+            warnings.warn("ignoring clean_up_tokenization_spaces=True for a BPE tokenizer (it would strip real "
+                          "spaces before punctuation)", stacklevel=2)
+            return text
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
     def batch_decode(self, sequences, **kwargs) -> list[str]:

@@ -1,0 +1,312 @@
+"""generate(): prefill once (vision tower and projector included), then decode token by token on a KV cache
+pre-allocated for prompt + max_new_tokens. Greedy output is token-identical to transformers' generate.
+
+    prefill:  ids (B, S) + pixels -> logits of the last position, cache holds S tokens
+    decode:   one token per row per step; rows that finished get the pad id until every row is done
+
+`generate_naive` recomputes everything each step without a cache: the in-repo oracle for the fast path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from onevision.generation import sampling
+from onevision.generation.streaming import IncrementalDecoder
+
+GENERATION_CONFIG = "generation_config.json"
+MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
+
+
+@dataclass
+class GenerationConfig:
+    """The generation settings onevision honours; defaults are the reference's."""
+
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+    use_cache: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def from_model_folder(cls, folder: str, config: Any) -> GenerationConfig:
+        path = os.path.join(folder, GENERATION_CONFIG)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        text = config.text_config
+        return cls(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> GenerationConfig:
+        with open(os.path.join(folder, GENERATION_CONFIG), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        default = GenerationConfig()
+        out = {k: v for k, v in out.items() if v != getattr(default, k) or k in ("bos_token_id", "eos_token_id")}
+        return {**self.extra, **out}
+
+    def save_pretrained(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, GENERATION_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def updated(self, **kwargs: Any) -> GenerationConfig:
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"generate() got unsupported argument(s) {unknown}. Supported: {sorted(names)}, "
+                            "plus generation_config, tokenizer, streamer, seed, generator and the model inputs.")
+        return dataclasses.replace(self, **kwargs, extra=dict(self.extra))
+
+    def validate(self) -> None:
+        if self.num_beams != 1:
+            raise ValueError(f"num_beams={self.num_beams}: beam search is not supported; use num_beams=1 "
+                             "(greedy or sampling)")
+        checks = [
+            (self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (self.num_return_sequences >= 1, "num_return_sequences must be >= 1"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (not self.do_sample or self.temperature > 0, "temperature must be > 0 when do_sample=True "
+                                                        "(use do_sample=False for greedy decoding)"),
+            (self.top_k is None or self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}; got {self._values_of(message)}")
+        if not self.do_sample:
+            if self.num_return_sequences > 1:
+                raise ValueError(f"num_return_sequences={self.num_return_sequences} needs do_sample=True: greedy "
+                                 "decoding would return the same sequence each time")
+            ignored = {k: getattr(self, k) for k, d in (("temperature", 1.0), ("top_p", 1.0), ("min_p", None))
+                       if getattr(self, k) != d}
+            if ignored:
+                warnings.warn(f"do_sample=False: the sampling settings {ignored} have no effect; pass do_sample=True "
+                              "to sample", UserWarning, stacklevel=4)
+
+    def _values_of(self, message: str) -> str:
+        name = message.split()[0]
+        return f"{name}={getattr(self, name)!r}"
+
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+@dataclass
+class _Plan:
+    cfg: GenerationConfig
+    max_new: int
+    eos: torch.Tensor | None
+    pad: int
+    stop_strings: list[str]
+    generator: torch.Generator | None
+
+
+def _plan(model, input_ids: torch.Tensor, generation_config: GenerationConfig | None, tokenizer, seed, generator,
+          kwargs: dict[str, Any]) -> _Plan:
+    base = generation_config or model.generation_config or GenerationConfig()
+    cfg = base.updated(**kwargs) if kwargs else dataclasses.replace(base)
+    cfg.validate()
+    prompt = input_ids.shape[1]
+    if cfg.max_new_tokens is not None:
+        max_new = cfg.max_new_tokens
+    else:
+        max_new = cfg.max_length - prompt
+        if max_new <= 0:
+            raise ValueError(f"the prompt has {prompt} tokens but max_length is {cfg.max_length}; pass "
+                             "max_new_tokens=N to say how many tokens to generate")
+    context = model.config.text_config.max_position_embeddings
+    if prompt + max_new > context:
+        raise ValueError(f"prompt ({prompt} tokens) + max_new_tokens ({max_new}) = {prompt + max_new} exceeds the "
+                         f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
+    eos_ids = cfg.eos_ids()
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    stops = [cfg.stop_strings] if isinstance(cfg.stop_strings, str) else list(cfg.stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer to read the text: pass tokenizer=processor.tokenizer")
+    if seed is not None and generator is None:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    eos = torch.tensor(eos_ids, device=model.device) if eos_ids else None
+    return _Plan(cfg, max_new, eos, pad, stops, generator)
+
+
+def _check_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is None:
+        return
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected the shape of input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if not bool(attention_mask[:, -1].all()):
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"right-padded input (rows {rows} end in padding): generation continues from the last "
+                         "position, so pad on the left: processor(..., padding_side='left') or "
+                         "tokenizer.padding_side = 'left'")
+
+
+def _stop_string_hit(tokenizer, ids: list[int], stops: list[str]) -> bool:
+    """True when a stop string ends within the last token's text (the reference's StopStringCriteria rule)."""
+    longest = max(len(s) for s in stops)
+    tail = ids[-(longest + 2):]
+    text = tokenizer.decode(tail)
+    before = len(tokenizer.decode(tail[:-1]))
+    for s in stops:
+        start = text.find(s, max(0, before - len(s) + 1))
+        if start != -1 and start + len(s) > before:
+            return True
+    return False
+
+
+@torch.inference_mode()
+def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   plan: _Plan, tokenizer=None, **media: Any) -> Iterator[torch.Tensor]:
+    """Yield the (B * num_return_sequences,) next tokens step by step (finished rows get the pad id)."""
+    cfg = plan.cfg
+    _check_padding(input_ids, attention_mask)
+    b, prompt = input_ids.shape
+    n = cfg.num_return_sequences
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = getattr(model, "compute_dtype", torch.float32)
+    cache = model.language_model.make_cache(b, prompt + plan.max_new, dtype, input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **media)
+    logits = out.logits[:, -1].float()
+    if n > 1:  # one prefill shared by every returned sequence
+        cache.repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        input_ids = input_ids.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        position_ids = position_ids.repeat_interleave(n, dim=0)
+    rows = input_ids.shape[0]
+    seen = torch.empty(rows, prompt + plan.max_new, dtype=torch.long, device=input_ids.device)
+    seen[:, :prompt] = input_ids
+    mask = torch.ones(rows, prompt + plan.max_new, dtype=attention_mask.dtype, device=input_ids.device)
+    mask[:, :prompt] = attention_mask
+    unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+    next_pos = position_ids[:, -1:] + 1
+    min_new = max(cfg.min_new_tokens or 0, cfg.min_length - prompt)
+    for step in range(plan.max_new):
+        length = prompt + step
+        ban = plan.eos if plan.eos is not None and step < min_new else None
+        scores = sampling.process(logits, seen[:, :length], repetition=cfg.repetition_penalty, ban=ban,
+                                  do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, min_p=cfg.min_p)
+        token = sampling.choose(scores, cfg.do_sample, plan.generator)
+        token = torch.where(unfinished, token, torch.full_like(token, plan.pad))
+        seen[:, length] = token
+        if plan.eos is not None:
+            unfinished &= ~torch.isin(token, plan.eos)
+        if plan.stop_strings:
+            for r in range(rows):
+                if unfinished[r] and _stop_string_hit(tokenizer, seen[r, : length + 1].tolist(), plan.stop_strings):
+                    unfinished[r] = False
+        yield token
+        if step + 1 == plan.max_new or not bool(unfinished.any()):
+            return
+        out = model(input_ids=token[:, None], attention_mask=mask[:, : length + 1], position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1].float()
+
+
+def generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+             streamer=None, tokenizer=None, seed: int | None = None, generator: torch.Generator | None = None,
+             input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             **kwargs: Any) -> torch.Tensor:
+    """transformers-style generate: returns (B * num_return_sequences, prompt + new) token ids."""
+    input_ids = inputs if input_ids is None else input_ids
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (e.g. model.generate(**processor(...)))")
+    media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+        if key in kwargs:
+            media[key] = kwargs.pop(key)
+    plan = _plan(model, input_ids, generation_config, tokenizer, seed, generator, kwargs)
+    if streamer is not None:
+        if input_ids.shape[0] * plan.cfg.num_return_sequences != 1:
+            raise ValueError("a streamer follows one sequence: use batch size 1 and num_return_sequences=1")
+        streamer.put(input_ids.cpu())
+    steps = []
+    for token in generate_steps(model, input_ids, attention_mask, plan=plan, tokenizer=tokenizer, **media):
+        steps.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+    if streamer is not None:
+        streamer.end()
+    prompt = input_ids.repeat_interleave(plan.cfg.num_return_sequences, dim=0)
+    if not steps:
+        return prompt
+    return torch.cat([prompt, torch.stack(steps, dim=1)], dim=1)
+
+
+def stream(model, processor=None, tokenizer=None, skip_special_tokens: bool = True, **kwargs: Any) -> Iterator[str]:
+    """Yield the generated text of one sequence piece by piece; pieces never split a multi-byte character."""
+    tokenizer = tokenizer or getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("stream() needs processor=... or tokenizer=... to turn tokens into text")
+    input_ids = kwargs.pop("input_ids", None)
+    if input_ids is None or input_ids.shape[0] != 1:
+        raise ValueError("stream() follows one sequence: pass input_ids of batch size 1")
+    attention_mask = kwargs.pop("attention_mask", None)
+    media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
+    seed, generator = kwargs.pop("seed", None), kwargs.pop("generator", None)
+    plan = _plan(model, input_ids, kwargs.pop("generation_config", None), tokenizer, seed, generator, kwargs)
+    if plan.cfg.num_return_sequences != 1:
+        raise ValueError("stream() follows one sequence: num_return_sequences must be 1")
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+    for token in generate_steps(model, input_ids, attention_mask, plan=plan, tokenizer=tokenizer, **media):
+        piece = decoder.push([int(token[0])])
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+@torch.inference_mode()
+def generate_naive(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                   **media: Any) -> torch.Tensor:
+    """Greedy, batch of one, no cache: recompute the whole sequence every step. The oracle for generate()."""
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, use_cache=False, **media).logits[:, -1].float()
+        token = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if eos_token_id is not None and int(token) == eos_token_id:
+            break
+    return ids
