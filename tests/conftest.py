@@ -117,3 +117,34 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def real_05b_config_dict() -> dict:
+    """llava-onevision-qwen2-0.5b-ov-hf shapes (SPEC §1): SigLIP-so400m minus one layer, Qwen2-0.5B, tied."""
+    return dict(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                           vision_use_head=False),
+        text_config=dict(model_type="qwen2", vocab_size=152000, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645),
+        image_token_index=151646, video_token_index=151647, tie_word_embeddings=True,
+    )
+
+
+def build_reference_05b(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Random weights at the real 0.5B shapes, saved by transformers in the hub layout with the real processor."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(**real_05b_config_dict())
+    model = LlavaOnevisionForConditionalGeneration(config).to(dtype)
+    model.save_pretrained(folder)
+    del model
+    to_hub_layout(folder)
+    for f in HUB_PROCESSOR.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder

@@ -20,7 +20,8 @@ TEXTS = [
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
     "What is shown in this image?<|im_end|>\n<|im_start|>assistant\n",
     "typed <image> and <video> by a user, <|endoftext|> too", "  leading  and trailing spaces  ",
-    "emoji 😀👍🏽 and accents: café naïve Ελληνικά русский", "tabs\tand\r\nwindows lines", "I'm sure it's they'll",
+    "emoji 😀👍🏽 and accents: café naïve Ελληνικά русский", "tabs\tand\r\nwindows lines",
+    "I'm sure it's they'll",
     "code: def f(x):\n    return x**2  # comment", "ｆｕｌｌ-width ＡＢＣ", "e\u0301 (decomposed é)",
 ]
 
