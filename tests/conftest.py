@@ -90,13 +90,27 @@ def to_hub_layout(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """Untied tiny checkpoint in the hub layout, with the real processor files beside it."""
-    folder = build_reference(tmp_path_factory.mktemp("tiny") / "ckpt", layout="hub")
+def add_tiny_processor(folder: Path) -> Path:
+    """Copy the real hub processor files next to a tiny checkpoint, resized to its 56 px tower: image and
+    video size 56, the checkpoint's pinpoints, 16 tokens per patch. transformers' AutoProcessor loads it."""
     for f in HUB_PROCESSOR.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre.update(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = json.loads((folder / "video_preprocessor_config.json").read_text())
+    video.update(size={"height": TILE, "width": TILE})
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    proc = json.loads((folder / "processor_config.json").read_text())
+    proc.update(num_image_tokens=(TILE // 14) ** 2)
+    (folder / "processor_config.json").write_text(json.dumps(proc, indent=2))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Untied tiny checkpoint in the hub layout, with processor files sized for its 56 px tower."""
+    return add_tiny_processor(build_reference(tmp_path_factory.mktemp("tiny") / "ckpt", layout="hub"))
 
 
 @pytest.fixture(scope="session")

@@ -344,16 +344,24 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         config = LlavaOnevisionConfig.from_pretrained(folder)
         dtype = loading.resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config.dtype, folder)
         device = loading.resolve_device(device_map)
-        with torch.device("meta"):
+        with loading.empty_init():
             model = cls(config, attn_implementation=attn_implementation)
         set_tensor = None
+        if config.extra.get("quantization_config"):
+            raise NotImplementedError(
+                f"{path_or_repo_id} is a pre-quantized checkpoint (config.json has a quantization_config), which "
+                "onevision cannot load; load the full-precision checkpoint with quantization_config=BitsAndBytesConfig(...)")
         if quantization_config is not None:
             from onevision.quantization import prepare_quantized_loading
 
             set_tensor = prepare_quantized_loading(model, quantization_config, dtype, device)
         tied = config.tie_word_embeddings
-        loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else (),
-                                set_tensor=set_tensor)
+        try:
+            loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else (),
+                                    set_tensor=set_tensor)
+        finally:
+            if set_tensor is not None:  # the quantizer may still be packing the last weights
+                set_tensor.finish()
         if tied:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         rotary = model.model.language_model.rotary_emb
@@ -367,6 +375,11 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         """Write config.json, generation_config.json and safetensors in the llava-hf hub layout."""
         from onevision import loading
 
+        if getattr(self, "is_quantized", False):
+            raise NotImplementedError(
+                "save_pretrained of a bitsandbytes-quantized model is not supported: onevision cannot load a "
+                "pre-quantized checkpoint. Save the full-precision model and pass quantization_config to "
+                "from_pretrained when loading it (quantization happens while the weights stream in).")
         os.makedirs(save_directory, exist_ok=True)
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.save_pretrained(save_directory)

@@ -1,0 +1,81 @@
+"""Shared bits of the benchmark scripts: checkpoints built with transformers, memory and time probes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import add_tiny_processor, build_reference, build_reference_05b  # noqa: E402
+
+
+def checkpoint(kind: str, cache: Path, dtype: torch.dtype) -> Path:
+    """'tiny' or '0.5b' random-weight checkpoint in the hub layout, cached under `cache`."""
+    folder = cache / f"{kind}-{str(dtype).removeprefix('torch.')}"
+    if (folder / "config.json").exists():
+        return folder
+    if kind == "0.5b":
+        return build_reference_05b(folder, dtype)
+    return add_tiny_processor(build_reference(folder, layout="hub"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (Linux) and CUDA's peak counter."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("ONEVISION_BENCH_CACHE", "/tmp/onevision-bench"))
