@@ -170,3 +170,22 @@ def test_placeholder_count_mismatch_names_both_counts(our_model):
     with pytest.raises(ValueError, match=f"tokens: {n}, features: {n + 1}"):
         with torch.no_grad():
             our_model(**inputs)
+
+
+def test_training_gradients_match_reference(tiny_ckpt):
+    """Fine-tuning works: loss.backward() gives the reference's gradients (use_cache=False, train mode)."""
+    from transformers import LlavaOnevisionForConditionalGeneration as Ref
+
+    from onevision import LlavaOnevisionForConditionalGeneration as Ours
+
+    ours, ref = Ours.from_pretrained(tiny_ckpt, dtype=torch.float32), Ref.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    ours.train(), ref.train()
+    inputs = make_inputs(sizes=[(120, 250)], seed=3)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
+    ours(**inputs, labels=labels, use_cache=False).loss.backward()
+    ref(**inputs, labels=labels, use_cache=False).loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if name == "lm_head.weight" and ours.config.tie_word_embeddings:
+            continue
+        close(p.grad, ref_params[name].grad, atol=1e-5)
