@@ -89,6 +89,16 @@ def test_arrays_and_tensors(pair, case, kind):
     check(pair, image)
 
 
+@pytest.mark.parametrize("case", ["float32_01", "float64_01", "float16_torch", "uint16", "bool", "rgba_float01"])
+def test_unusual_dtypes(pair, case):
+    rng = np.random.default_rng(7)
+    image = {"float32_01": rng.random((30, 44, 3)).astype(np.float32), "float64_01": rng.random((30, 44, 3)),
+             "float16_torch": torch.rand(3, 30, 44, generator=torch.Generator().manual_seed(0)).half(),
+             "uint16": rng.integers(0, 256, (30, 44, 3)).astype(np.uint16), "bool": rng.random((30, 44, 3)) > 0.5,
+             "rgba_float01": rng.random((30, 44, 4)).astype(np.float32)}[case]
+    check(pair, image)
+
+
 @pytest.mark.parametrize("fmt", ["channels_last", "channels_first"])
 def test_explicit_input_data_format(pair, fmt):
     array = np.random.default_rng(2).integers(0, 256, (3, 40, 3), dtype=np.uint8)  # ambiguous without a hint

@@ -43,11 +43,19 @@ def video_path(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames=24, width=80, height=48, fps=8)
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def media_url():
-    """Serve tests/fixtures/media over http on localhost: yields the base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(MEDIA))
-    handler.log_message = lambda *args: None
+def media_url(tmp_path_factory, video_path):
+    """Serve a copy of tests/fixtures/media (+ clip.mp4) over http on localhost: yields the base URL."""
+    root = tmp_path_factory.mktemp("served")
+    for f in MEDIA.iterdir():
+        shutil.copy(f, root / f.name)
+    shutil.copy(video_path, root / "clip.mp4")
+    handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -156,15 +164,12 @@ def test_image_sources(processor, ref_processor, media_url, source, name):
     assert_same_outputs(processor.apply_chat_template(conv, **kwargs), ref_chat(ref_processor, conv, **kwargs))
 
 
-def test_video_from_url(processor, video_path, media_url, tmp_path):
-    served = MEDIA / "_tmp_clip.mp4"
-    shutil.copy(video_path, served)
-    try:
-        conv = [{"role": "user", "content": [{"type": "video", "url": f"{media_url}/_tmp_clip.mp4"}, text("Q")]}]
-        got = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt", num_frames=3)
-    finally:
-        served.unlink()
+def test_video_from_url(processor, media_url):
+    conv = [{"role": "user", "content": [{"type": "video", "url": f"{media_url}/clip.mp4"}, text("Q")]}]
+    got = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt", num_frames=3)
     assert tuple(got["pixel_values_videos"].shape) == (1, 3, 3, 384, 384)
+    with pytest.raises(ProcessingError, match="could not download"):
+        processor(videos=f"{media_url}/missing.mp4", text="<video>")
 
 
 def test_batch_feature_to(processor):
@@ -321,3 +326,10 @@ def test_exif_orientation_from_file(processor, ref_processor, tmp_path, orientat
     got = processor.apply_chat_template(conv, **kwargs)
     assert_same_outputs(got, ref_chat(ref_processor, conv, **kwargs))
     assert got["image_sizes"].tolist() == ([[80, 120]] if orientation == 3 else [[120, 80]])
+
+
+def test_mm_token_type_ids(processor, ref_processor):
+    frames = np.zeros((2, 20, 20, 3), np.uint8)
+    kwargs = dict(images=random_image(40, 30), videos=frames, text="<image> and <video>", return_tensors="pt",
+                  return_mm_token_type_ids=True)
+    assert_same_outputs(processor(**kwargs), ref_processor(**kwargs))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from _processing_helpers import HUB_PROCESSOR, assert_same_outputs, processor, ref_processor  # noqa: F401
 
 from onevision.processing import ProcessingError

@@ -30,6 +30,8 @@ def _to_tensor(key: str, value: Any, kind: str | None) -> Any:
             return torch.from_numpy(value)
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray)):
             items = [torch.as_tensor(v) for v in value]
+            if len(items) == 1:
+                return items[0].unsqueeze(0)
             if len({tuple(v.shape) for v in items}) > 1:
                 shapes = sorted({tuple(v.shape) for v in items})
                 raise ProcessingError(
@@ -70,6 +72,8 @@ class BatchFeature(UserDict):
         return self.data.items()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "data" or name.startswith("__"):
+            raise AttributeError(name)
         try:
             return self.data[name]
         except KeyError:

@@ -42,8 +42,13 @@ def composite_on_white_pil(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"))
 
 
-def channels_first(shape: tuple[int, ...]) -> bool:
-    """The reference's rule for a 3-D image: channels first if dim 0 is 1/3/4 (even when the last one is too)."""
+def channels_first(shape: tuple[int, ...], data_format: str | None = None) -> bool:
+    """The reference's rule for a 3-D image: channels first if dim 0 is 1/3/4 (even when the last one is too),
+    unless `data_format` ("channels_first" / "channels_last") says where they are."""
+    if data_format is not None:
+        if data_format not in ("channels_first", "channels_last"):
+            raise ProcessingError(f"input_data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
+        return data_format == "channels_first"
     if shape[0] in (1, 3, 4):
         return True
     if shape[-1] in (1, 3, 4):
@@ -135,8 +140,9 @@ class _ImageProcessorBase:
         tile = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         background = tuple(int(m * 255) for m in cfg["image_mean"])
         pixel_values, image_sizes = [], []
-        for image, patched in zip(flat, need_patching):
-            image = self._to_chw(load_image(image, overrides.get("max_pixels")), cfg["do_convert_rgb"])
+        for image, patched in zip(flat, need_patching, strict=True):
+            image = load_image(image, overrides.get("max_pixels"))
+            image = self._to_chw(image, cfg["do_convert_rgb"], overrides.get("input_data_format"))
             height, width = image.shape[-2:]
             if height == 0 or width == 0:
                 raise ProcessingError(f"image has an empty side: {height}x{width}")
@@ -166,7 +172,7 @@ class _ImageProcessorBase:
         return [self._resize(image, tile)] + tiles
 
     # ---------------------------------------------------------------- backend operations
-    def _to_chw(self, image, do_convert_rgb: bool):
+    def _to_chw(self, image, do_convert_rgb: bool, data_format: str | None = None):
         raise NotImplementedError
 
     def _resize(self, image, size: tuple[int, int]):
@@ -193,7 +199,7 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
 
     backend = "torchvision"
 
-    def _to_chw(self, image, do_convert_rgb: bool) -> torch.Tensor:  # -> (C, H, W), uint8 for 8-bit inputs
+    def _to_chw(self, image, do_convert_rgb: bool, data_format: str | None = None) -> torch.Tensor:  # (C, H, W)
         if isinstance(image, Image.Image):
             array = composite_on_white_pil(image) if do_convert_rgb else np.array(image)
             tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -206,7 +212,7 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
             tensor = tensor[None]
         elif tensor.ndim != 3:
             raise ProcessingError(f"an image array must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}")
-        elif not channels_first(tuple(tensor.shape)):
+        elif not channels_first(tuple(tensor.shape), data_format):
             tensor = tensor.permute(2, 0, 1)
         if do_convert_rgb:
             if tensor.shape[0] == 1:
@@ -241,9 +247,9 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
         if cast:
             batch = batch.to(torch.float32)
         out = F.interpolate(batch, size=list(size), mode="bicubic", align_corners=False, antialias=True)
-        if cast:
-            if not dtype.is_floating_point:
-                out = out.clamp_(0, 255).round_() if dtype == torch.uint8 else out.round_()
+        if cast:  # torchvision's rule: round back only for these integer types, then cast
+            if dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+                out = out.round_()
             out = out.to(dtype)
         return out.reshape(*lead, channels, *size)
 
@@ -262,8 +268,8 @@ class LlavaOnevisionImageProcessor(_ImageProcessorBase):
         out[:, top:top + height, left:left + width] = image
         return out
 
-    def _normalize_stack(self, patches: list[torch.Tensor], cfg: dict) -> torch.Tensor:  # -> (N, 3, h, w)
-        stack = torch.stack(patches)
+    def _normalize_stack(self, patches: list[torch.Tensor] | torch.Tensor, cfg: dict) -> torch.Tensor:  # (N, 3, h, w)
+        stack = patches if isinstance(patches, torch.Tensor) else torch.stack(patches)
         if cfg["do_normalize"]:
             mean = torch.tensor(cfg["image_mean"])
             std = torch.tensor(cfg["image_std"])
@@ -283,7 +289,7 @@ class LlavaOnevisionImageProcessorPil(_ImageProcessorBase):
 
     backend = "pil"
 
-    def _to_chw(self, image, do_convert_rgb: bool) -> np.ndarray:  # -> (C, H, W)
+    def _to_chw(self, image, do_convert_rgb: bool, data_format: str | None = None) -> np.ndarray:  # (C, H, W)
         if isinstance(image, Image.Image):
             array = composite_on_white_pil(image) if do_convert_rgb else np.array(image)
             return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
@@ -295,7 +301,7 @@ class LlavaOnevisionImageProcessorPil(_ImageProcessorBase):
             image = image[None]
         elif image.ndim != 3:
             raise ProcessingError(f"an image array must have 2 or 3 dimensions, got shape {image.shape}")
-        elif not channels_first(image.shape):
+        elif not channels_first(image.shape, data_format):
             image = np.moveaxis(image, -1, 0)
         if do_convert_rgb:
             if image.shape[0] == 1:

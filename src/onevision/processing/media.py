@@ -118,7 +118,9 @@ def sample_indices(total_frames: int, num_frames: int | None = None, fps: float 
 
 def load_video(source: str | bytes | os.PathLike, num_frames: int | None = None,
                fps: float | None = None) -> tuple[np.ndarray, dict]:
-    """Decode a video with PyAV -> (frames uint8 (T, H, W, 3), metadata {total_num_frames, fps, frames_indices})."""
+    """Decode a video with PyAV -> (frames uint8 (T, H, W, 3), metadata {total_num_frames, fps, frames_indices}).
+
+    If the container overstates its frame count, the frames that do decode are returned (fewer than asked)."""
     import av
 
     if isinstance(source, (bytes, bytearray)):
@@ -158,8 +160,6 @@ def load_video(source: str | bytes | os.PathLike, num_frames: int | None = None,
         raise ProcessingError(f"could not decode {where} as a video ({type(e).__name__}: {e})") from None
     if not frames:
         raise ProcessingError(f"{where} decoded to zero frames")
-    if len(frames) < len(indices):  # the stored frame count was too high; keep what decodes
-        frames = frames[: len(frames)]
     return np.stack(frames), {"total_num_frames": total, "fps": video_fps, "frames_indices": indices.tolist()}
 
 

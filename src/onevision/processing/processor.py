@@ -31,7 +31,7 @@ from onevision.processing.video import _CONFIG_KEYS as VIDEO_KEYS, LlavaOnevisio
 
 TEXT_KEYS = ("add_special_tokens", "padding", "truncation", "max_length", "padding_side", "pad_to_multiple_of",
              "return_attention_mask", "return_offsets_mapping", "return_length")
-IMAGE_ONLY_KEYS = ("max_pixels",)
+IMAGE_ONLY_KEYS = ("max_pixels", "input_data_format")
 PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "video_processor/*", "additional_chat_templates/*"]
 _MEDIA_KEYS = {"image": ("image", "url", "path", "base64"), "video": ("video", "url", "path")}
 
@@ -87,7 +87,8 @@ class LlavaOnevisionProcessor:
         settings = {k: config[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "image_token",
                                            "video_token", "vision_aspect_ratio") if config.get(k) is not None}
         settings.update(kwargs)
-        return cls(image_processor=image_cls.from_pretrained(folder), tokenizer=Qwen2TokenizerFast.from_pretrained(folder),
+        return cls(image_processor=image_cls.from_pretrained(folder),
+                   tokenizer=Qwen2TokenizerFast.from_pretrained(folder),
                    video_processor=LlavaOnevisionVideoProcessor.from_pretrained(folder), chat_template=template,
                    **settings)
 
@@ -128,7 +129,7 @@ class LlavaOnevisionProcessor:
             if key in IMAGE_KEYS or key in IMAGE_ONLY_KEYS:
                 image_kw.setdefault(key, value)
                 known = True
-            if key in VIDEO_KEYS:
+            if key in VIDEO_KEYS or key == "input_data_format":
                 video_kw.setdefault(key, value)
                 known = True
             if not known:
@@ -139,6 +140,7 @@ class LlavaOnevisionProcessor:
                  return_tensors: str | None = None, **kwargs) -> BatchFeature:
         """Expand <image>/<video> placeholders, tokenize and preprocess media (the reference's output keys)."""
         track_offsets = kwargs.pop("_track_replacements", None)
+        mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
         text_kw, image_kw, video_kw = self._split_kwargs(kwargs)
         if images is None and text is None and videos is None:
             raise ProcessingError("pass at least one of text, images or videos")
@@ -162,7 +164,7 @@ class LlavaOnevisionProcessor:
             image_out = self.image_processor(images, **image_kw)
             multi = [n != 1 for n in batch_num_images for _ in range(n)]
             replacements["image"] = [self.image_token_count(size, m)
-                                     for size, m in zip(image_out["image_sizes"], multi)]
+                                     for size, m in zip(image_out["image_sizes"], multi, strict=True)]
             data.update(image_out)
         if videos is not None:
             video_out = self.video_processor(videos, **video_kw)
@@ -174,6 +176,9 @@ class LlavaOnevisionProcessor:
             self._check_truncation(expanded, text_data["input_ids"])
             if track_offsets is not None:
                 track_offsets.extend(shifts)
+            if mm_token_type_ids:  # 0 text, 1 image, 2 video
+                kinds = {self.image_token_id: 1, self.video_token_id: 2}
+                text_data["mm_token_type_ids"] = [[kinds.get(i, 0) for i in row] for row in text_data["input_ids"]]
         if videos is not None:
             data.update(video_out)
         return BatchFeature({**text_data, **data}, tensor_type=return_tensors)
@@ -249,6 +254,9 @@ class LlavaOnevisionProcessor:
         if "do_sample_frames" not in processor_kwargs and (processor_kwargs.get("num_frames") is not None
                                                            or processor_kwargs.get("fps") is not None):
             processor_kwargs["do_sample_frames"] = True
+        if return_tensors is None:
+            return_tensors = processor_kwargs.get("return_tensors")
+        processor_kwargs.pop("return_tensors", None)
         shifts: list = []
         if return_assistant_tokens_mask:
             processor_kwargs.update(return_offsets_mapping=True, _track_replacements=shifts)

@@ -75,7 +75,8 @@ class Qwen2TokenizerFast:
         self.model_max_length = int(config.get("model_max_length") or 10**30)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template = config.get("chat_template")
-        self.force_bpe_cleanup = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+        force_key = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+        self.force_bpe_cleanup = bool(config.get(force_key))
 
     # ---------------------------------------------------------------- loading / saving
     @classmethod

@@ -18,7 +18,7 @@ from PIL import Image
 
 from onevision.processing import BatchFeature, ProcessingError
 from onevision.processing.image import CLIP_MEAN, CLIP_STD, LlavaOnevisionImageProcessor, channels_first
-from onevision.processing.media import load_video, sample_indices
+from onevision.processing.media import load_image, load_video, sample_indices
 
 _CONFIG_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "do_sample_frames", "image_mean",
                 "image_std", "resample", "rescale_factor", "size", "num_frames", "fps")
@@ -38,6 +38,11 @@ def split_videos(videos) -> list:
     """One video, a list of videos or nested per-sample lists -> flat list of videos (sources or frame stacks)."""
     if isinstance(videos, (str, bytes, os.PathLike)) or _is_video(videos):
         return [videos]
+    try:  # [[["f1.jpg", "f2.jpg"], ...]]: videos given as lists of frame paths/URLs (as chat templates pass them)
+        if isinstance(videos[0][0], (list, tuple)) and isinstance(videos[0][0][0], str):
+            return [list(frames) for group in videos for frames in group]
+    except (IndexError, TypeError, KeyError):
+        pass
     if hasattr(videos, "ndim") and videos.ndim == 5:
         return list(videos)
     if _is_frame(videos):
@@ -119,23 +124,34 @@ class LlavaOnevisionVideoProcessor:
         tile = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         out = []
         for video in split_videos(videos):
-            frames = self._frames_of(video, cfg if sample else None)  # (T, C, H, W)
+            frames = self._frames_of(video, cfg if sample else None, overrides.get("input_data_format"))  # (T,C,H,W)
             if frames.shape[0] == 0:
                 raise ProcessingError("a video has zero frames")
             if cfg["do_convert_rgb"]:
                 frames = self._to_rgb(frames)
             if cfg["do_resize"]:
                 frames = self._resize(frames, tile)
-            out.append(self._frames._normalize_stack(list(frames), cfg))
+            out.append(self._frames._normalize_stack(frames, cfg))
         return BatchFeature({"pixel_values_videos": out}, tensor_type=return_tensors)
 
     @staticmethod
-    def _frames_of(video, cfg: dict | None) -> torch.Tensor:
+    def _stack(frames: list) -> np.ndarray:
+        if len({np.shape(f) for f in frames}) > 1:
+            shapes = sorted({np.shape(f) for f in frames})
+            raise ProcessingError(f"all frames of a video must have the same shape, got {shapes}")
+        return np.stack(frames)
+
+    @staticmethod
+    def _frames_of(video, cfg: dict | None, data_format: str | None = None) -> torch.Tensor:
         """Decode/convert one video to a (T, C, H, W) tensor, sampling frames when cfg is given."""
         if isinstance(video, (str, bytes, os.PathLike)):
             frames, _ = load_video(video, cfg and cfg["num_frames"], cfg and cfg["fps"])
+        elif isinstance(video, (list, tuple)) and all(isinstance(f, str) for f in video):
+            if cfg is not None:
+                raise ProcessingError("frames given as image paths/URLs can't be sampled; drop num_frames/fps")
+            frames = LlavaOnevisionVideoProcessor._stack([np.asarray(load_image(f)) for f in video])
         elif isinstance(video, (list, tuple)):
-            frames = np.stack([np.asarray(f) if isinstance(f, Image.Image) else
+            frames = LlavaOnevisionVideoProcessor._stack([np.asarray(f) if isinstance(f, Image.Image) else
                                (f.cpu().numpy() if isinstance(f, torch.Tensor) else f) for f in video])
         else:
             frames = video
@@ -146,13 +162,13 @@ class LlavaOnevisionVideoProcessor:
             tensor = tensor[:, None]
         if tensor.ndim != 4:
             raise ProcessingError(f"a video must have 4 dimensions (T, H, W, C), got shape {tuple(tensor.shape)}")
-        if not channels_first(tuple(tensor.shape[1:])):
+        if not channels_first(tuple(tensor.shape[1:]), data_format):
             tensor = tensor.permute(0, 3, 1, 2)
         return tensor.cpu().contiguous()
 
     @staticmethod
     def _to_rgb(frames: torch.Tensor) -> torch.Tensor:
-        """Gray -> 3 channels; RGBA blended on white only if some alpha < 255 (result stays float, like the reference)."""
+        """Gray -> 3 channels; RGBA blended on white only if some alpha < 255 (stays float, like the reference)."""
         if frames.shape[1] == 1:
             return frames.expand(-1, 3, -1, -1).contiguous()
         if frames.shape[1] == 4:
