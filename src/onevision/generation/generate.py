@@ -253,6 +253,7 @@ def generate(model, inputs: torch.Tensor | None = None, generation_config: Gener
     if input_ids is None:
         raise ValueError("generate() needs input_ids (e.g. model.generate(**processor(...)))")
     media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
+    kwargs.pop("mm_token_type_ids", None)  # a processor output the model does not need
     for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
         if key in kwargs:
             media[key] = kwargs.pop(key)
