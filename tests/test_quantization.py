@@ -7,23 +7,26 @@ crashes on them) get the same generic-path switch that onevision applies by itse
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 
 import pytest
 import torch
+from test_model_parity import make_inputs
 
 from onevision.quantization import BitsAndBytesConfig, should_convert_module
-from test_model_parity import make_inputs
 
 try:
     import bitsandbytes as bnb
-except Exception as e:  # pragma: no cover - CI installs the test extra, which has bitsandbytes
+except Exception as e:  # noqa: BLE001  # pragma: no cover - CI installs the test extra, which has bitsandbytes
     bnb = None
     BNB_ERROR = f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
 else:
     BNB_ERROR = ""
 
+if bnb is not None and importlib.util.find_spec("accelerate") is None:
+    bnb, BNB_ERROR = None, "accelerate is not installed; transformers' bitsandbytes path (the oracle) needs it"
 needs_bnb = pytest.mark.skipif(bnb is None, reason=BNB_ERROR)
 
 MODES = {
@@ -53,6 +56,7 @@ def load_pair(folder, mode: str, **kwargs):
     from onevision import LlavaOnevisionForConditionalGeneration
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     ref = Ref.from_pretrained(folder, quantization_config=RefConfig(**MODES[mode]), device_map="cpu", **kwargs).eval()
     for m in ref.modules():  # see the module docstring
         if hasattr(m, "support_avx512bf16_for_cpu") and (m.in_features % 64 or m.out_features % 32):
@@ -72,7 +76,7 @@ def pair(request, tiny_ckpt):
 def test_same_layers_and_quantized_bits(pair):
     mode, ours, ref = pair
     target = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
-    kinds = lambda model: {n: type(m).__name__ for n, m in model.named_modules()  # noqa: E731
+    kinds = lambda model: {n: type(m).__name__ for n, m in model.named_modules()
                            if isinstance(m, (torch.nn.Linear, target))}
     assert kinds(ours) == kinds(ref)
     assert type(ours.lm_head) is torch.nn.Linear and isinstance(ours.model.vision_tower.encoder.layers[0].mlp.fc1, target)
@@ -99,7 +103,7 @@ def test_logits_match_reference(pair, prompt):
 @needs_bnb
 @pytest.mark.parametrize("prompt", ["text", "square"])
 def test_greedy_tokens_match_reference(pair, prompt):
-    mode, ours, ref = pair
+    _, ours, ref = pair
     inputs = make_inputs(**PROMPTS[prompt])
     a = ours.generate(**inputs, max_new_tokens=5, do_sample=False)
     b = ref.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -112,7 +116,7 @@ def test_quantization_changes_the_model(pair, our_model):
     from onevision.quantization import quantized_footprint
 
     mode, ours, _ = pair
-    size = lambda model: sum(quantized_footprint(model.get_submodule(n)) for n in ours.quantized_modules)  # noqa: E731
+    size = lambda model: sum(quantized_footprint(model.get_submodule(n)) for n in ours.quantized_modules)
     assert len(ours.quantized_modules) == 34  # 3 SigLIP layers x 6, the projector's 2, 2 Qwen2 layers x 7
     assert size(ours) < (0.35 if mode == "int8" else 0.25) * size(our_model)  # biases and tables stay fp32
     inputs = make_inputs()
@@ -133,7 +137,7 @@ def test_skip_modules_like_reference(tiny_ckpt):
     ref = Ref.from_pretrained(tiny_ckpt, quantization_config=RefConfig(**kw), device_map="cpu")
     ours = LlavaOnevisionForConditionalGeneration.from_pretrained(
         tiny_ckpt, quantization_config=BitsAndBytesConfig(**kw), device_map="cpu")
-    names = lambda model: sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)  # noqa: E731
+    names = lambda model: sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
     assert names(ours) == names(ref)
     assert "model.multi_modal_projector.linear_2" in names(ours) and "lm_head" not in names(ours)
     inputs = make_inputs(sizes=[(56, 56)])
@@ -246,10 +250,11 @@ def test_missing_bitsandbytes_says_what_to_install(tiny_ckpt, monkeypatch):
 
 @needs_bnb
 def test_unsupported_device_is_explained():
+    from conftest import tiny_config_dict
+
+    from onevision.config import LlavaOnevisionConfig
     from onevision.models.llava_onevision import LlavaOnevisionForConditionalGeneration
     from onevision.quantization import prepare_quantized_loading
-    from onevision.config import LlavaOnevisionConfig
-    from conftest import tiny_config_dict
 
     with torch.device("meta"):
         model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_dict(tiny_config_dict()))
@@ -268,3 +273,51 @@ def test_backend_failure_names_the_option(monkeypatch):
     monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
     with pytest.raises(RuntimeError, match=r"4-bit fp4.*load_in_8bit"):
         _check_device(bnb, BitsAndBytesConfig(load_in_4bit=True), torch.device("cpu"))
+
+
+# -- real 0.5B shapes (slow) ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt_05b_fp16(tmp_path_factory):
+    from conftest import build_reference_05b
+
+    return build_reference_05b(tmp_path_factory.mktemp("real05b-fp16") / "ckpt", dtype=torch.float16)
+
+
+@needs_bnb
+@pytest.mark.slow
+def test_05b_quantized_load_memory(ckpt_05b_fp16, tmp_path):
+    """Peak memory while loading stays near the quantized size: benchmarks/quantized_memory.py, ours only."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "quantized_memory.py"
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(script), "--folder", str(ckpt_05b_fp16), "--impls", "ours",
+                          "--modes", "fp32,int8,nf4", "--threads", "2", "--json", str(out)],
+                         check=False, capture_output=True, text=True, timeout=900)
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    gib = 2**30
+    assert rows["fp32"]["peak_anon"] > 3.0 * gib
+    # quantized weights: ~0.96 GiB (int8), ~0.65 GiB (nf4), of which the fp16 embedding (0.25 GiB) stays memory-mapped
+    assert rows["int8"]["peak_anon"] < 1.1 * gib and rows["nf4"]["peak_anon"] < 0.8 * gib
+    assert rows["nf4"]["peak_anon"] < 0.25 * rows["fp32"]["peak_anon"]
+
+
+@needs_bnb
+@pytest.mark.slow
+def test_05b_nf4_matches_reference(ckpt_05b_fp16):
+    from test_slow_05b import inputs_with_image
+
+    ours, ref = load_pair(ckpt_05b_fp16, "nf4", dtype=torch.float32)
+    inputs = inputs_with_image(size=(384, 384))
+    text_only = {k: v[:, :12] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    for inp in (text_only, inputs):
+        with torch.inference_mode():
+            a, b = ours(**inp).logits, ref(**inp).logits
+        print(f"0.5B-shape nf4 logits max |diff| = {(a - b).abs().max().item():.3g}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert torch.equal(ours.generate(**text_only, max_new_tokens=6, do_sample=False),
+                       ref.generate(**text_only, max_new_tokens=6, do_sample=False))
