@@ -10,6 +10,8 @@ time, so peak memory stays near one copy of the weights. Three weight-name layou
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -123,18 +125,14 @@ def to_hub_key(name: str) -> str:
     return name
 
 
-def iter_checkpoint(files: list[str]) -> Iterator[tuple[str, object, str]]:
-    """(name, lazy tensor slice handle, file) for every tensor, memory-mapped, one file open at a time."""
+def open_checkpoint(file: str):
+    """A memory-mapped safetensors file (a context manager), or a clear error for a corrupted one."""
     from safetensors import safe_open
 
-    for file in files:
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"cannot read {file}: {e}. The file is corrupted or truncated; download it again.") from e
-        with handle as f:
-            for name in f.keys():
-                yield name, f, file
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e}. The file is corrupted or truncated; download it again.") from e
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -159,30 +157,48 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None, de
     expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if name in persistent}
     seen: dict[str, str] = {}
     unexpected: list[str] = []
-    for raw, handle, file in iter_checkpoint(checkpoint_files(folder)):
-        if raw.endswith(_IGNORED_SUFFIXES):
-            continue
-        name = to_model_key(raw)
-        if name in skip and name not in expected:
-            continue
-        target = expected.get(name)
-        if target is None:
-            unexpected.append(raw)
-            continue
-        if name in seen:
-            raise CheckpointError(f"tensor {name!r} appears twice (as {seen[name]!r} and {raw!r} in {file})")
-        seen[name] = raw
-        shape = tuple(handle.get_slice(raw).get_shape())
-        if shape != tuple(target.shape):
-            raise CheckpointError(f"tensor {raw!r} in {file} has shape {shape}, but the model expects "
-                                  f"{tuple(target.shape)} for {name!r}. The checkpoint does not match its config.json.")
+
+    def read(handle, raw: str, file: str) -> torch.Tensor:
         try:
             tensor = handle.get_tensor(raw)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {raw!r} from {file}: {e}. The file is corrupted; "
                                   "download it again.") from e
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        set_tensor(model, name, tensor.to(device=device, dtype=cast))
+        return tensor.to(device=device, dtype=cast)
+
+    def assign(item: tuple[str, concurrent.futures.Future]) -> None:
+        set_tensor(model, item[0], item[1].result())
+
+    # Reading (page faults on the memory map) and casting run in a few threads, a bounded number of tensors
+    # ahead; tensors are assigned in checkpoint order on this thread.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for file in checkpoint_files(folder):
+            with open_checkpoint(file) as handle:
+                pending: collections.deque = collections.deque()
+                for raw in handle.keys():
+                    if raw.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    name = to_model_key(raw)
+                    if name in skip and name not in expected:
+                        continue
+                    target = expected.get(name)
+                    if target is None:
+                        unexpected.append(raw)
+                        continue
+                    if name in seen:
+                        raise CheckpointError(f"tensor {name!r} appears twice (as {seen[name]!r} and {raw!r} in {file})")
+                    seen[name] = raw
+                    shape = tuple(handle.get_slice(raw).get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(f"tensor {raw!r} in {file} has shape {shape}, but the model expects "
+                                              f"{tuple(target.shape)} for {name!r}. The checkpoint does not match "
+                                              "its config.json.")
+                    pending.append((name, pool.submit(read, handle, raw, file)))
+                    if len(pending) > 8:
+                        assign(pending.popleft())
+                while pending:  # the file closes after this block
+                    assign(pending.popleft())
     missing = sorted(set(expected) - set(seen))
     if unexpected or missing:
         raise CheckpointError(
@@ -193,11 +209,12 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None, de
 
 def checkpoint_dtype(folder: str) -> torch.dtype:
     """The dtype of the first floating tensor of the checkpoint (what dtype="auto" falls back to)."""
-    for raw, handle, _ in iter_checkpoint(checkpoint_files(folder)):
-        dtype = handle.get_slice(raw).get_dtype()
-        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        if dtype in table:
-            return table[dtype]
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    for file in checkpoint_files(folder):
+        with open_checkpoint(file) as handle:
+            for raw in handle.keys():
+                if handle.get_slice(raw).get_dtype() in table:
+                    return table[handle.get_slice(raw).get_dtype()]
     return torch.float32
 
 
