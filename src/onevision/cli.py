@@ -1,0 +1,321 @@
+"""The `onevision` command (also `python -m onevision`).
+
+    onevision chat [--model M] [--image PATH_OR_URL ...] [--video PATH --num-frames 8] [PROMPT]
+    onevision serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] ...
+
+Errors are one readable line on stderr and a non-zero exit code (1: error, 2: bad usage, 130: interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"hub repo id or local folder (default: {DEFAULT_MODEL}; downloaded on first use)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the checkpoint's; float16 checkpoints run in float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onevision", description="LLaVA-OneVision in pure PyTorch: chat in the "
+                                     "terminal or serve an OpenAI-compatible API.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{chat,serve}")
+
+    chat = sub.add_parser("chat", help="answer one prompt (streamed), or chat interactively without PROMPT",
+                          description="Without PROMPT: interactive chat; type /help for commands (/image, /video, "
+                          "/clear, /exit).")
+    _model_args(chat)
+    chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
+    chat.add_argument("--image", "-i", action="append", default=[], metavar="PATH_OR_URL",
+                      help="an image for the (first) prompt; repeat for several")
+    chat.add_argument("--video", "-v", action="append", default=[], metavar="PATH", help="a video file")
+    chat.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
+    chat.add_argument("--system", "-s", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="default 512")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--top-k", type=_nonneg_int, default=None)
+    chat.add_argument("--repetition-penalty", type=float, default=None)
+    chat.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    serve.add_argument("--api-key", default=os.environ.get("ONEVISION_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $ONEVISION_API_KEY, else no key)")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// media URLs for files under DIR")
+    serve.add_argument("--allow-remote-media", action="store_true",
+                       help="allow http(s) media URLs (public addresses only; redirects re-checked)")
+    serve.add_argument("--max-queue", type=_nonneg_int, default=64,
+                       help="requests that may wait beyond the running one(s); more get 503 (default 64)")
+    serve.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
+    serve.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
+    serve.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
+    serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000,
+                       help="largest width*height accepted, checked before decoding (default 50M)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
+    serve.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
+    serve.add_argument("--default-max-tokens", type=_positive_int, default=1024,
+                       help="completion limit when a request sets none (default 1024, capped by the context)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let running requests finish (default 30)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(args: argparse.Namespace):
+    """(model, processor), with progress on stderr (the hub download shows its own progress bars)."""
+    import torch
+
+    from onevision import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _status(f"Loading {args.model} ({device}, dtype {args.dtype}) ...")
+    start = time.monotonic()
+    hub = {"revision": args.revision} if args.revision else {}
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device_map=device,
+                                                                   **hub)
+    if args.dtype == "auto" and model.device.type == "cpu" and model.dtype == torch.float16:
+        model = model.float()  # float16 matmuls are slow (or missing) on CPUs; pass --dtype float16 to keep it
+    processor = AutoProcessor.from_pretrained(args.model, **hub)
+    _status(f"Loaded in {time.monotonic() - start:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+            f"parameters, {model.dtype}).")
+    return model, processor
+
+
+# --------------------------------------------------------------------------- chat
+class ChatSession:
+    """A conversation with its media, rendered and run with the Python API."""
+
+    def __init__(self, model, processor, args: argparse.Namespace):
+        self.model, self.processor, self.args = model, processor, args
+        self.messages: list[dict[str, Any]] = []
+        self.images: list[Any] = []
+        self.videos: list[Any] = []
+        self.pending: list[tuple[str, Any]] = []
+        if args.system:
+            self.messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
+
+    def add_image(self, source: str) -> None:
+        from onevision.processing.media import load_image
+
+        self.pending.append(("image", load_image(source)))
+
+    def add_video(self, source: str) -> None:
+        from onevision.processing.media import load_video
+
+        frames, _ = load_video(source, num_frames=self.args.num_frames)
+        self.pending.append(("video", frames))
+
+    def clear(self) -> None:
+        self.messages = self.messages[:1] if self.args.system else []
+        self.images, self.videos, self.pending = [], [], []
+
+    def ask(self, prompt: str, out=None) -> str:
+        """Stream the answer to `out` (stdout) and remember the turn."""
+        out = out or sys.stdout
+        content = [{"type": kind} for kind, _ in self.pending] + [{"type": "text", "text": prompt}]
+        images = self.images + [m for k, m in self.pending if k == "image"]
+        videos = self.videos + [m for k, m in self.pending if k == "video"]
+        messages = self.messages + [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(text=text, images=[images] if images else None, videos=videos or None,
+                                return_tensors="pt").to(self.model.device, self.model.dtype)
+        args = self.args
+        kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+        if args.temperature > 0:
+            kwargs.update(temperature=args.temperature, seed=args.seed)
+            if args.top_p is not None:
+                kwargs["top_p"] = args.top_p
+            if args.top_k is not None:
+                kwargs["top_k"] = args.top_k
+        if args.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = args.repetition_penalty
+        pieces = []
+        for piece in self.model.stream(**inputs, processor=self.processor, **kwargs):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        answer = "".join(pieces)
+        self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.images, self.videos, self.pending = images, videos, []
+        return answer
+
+
+HELP = """commands:
+  /image PATH_OR_URL   attach an image to your next message
+  /video PATH          attach a video to your next message
+  /clear               start a new conversation
+  /exit                quit (also Ctrl-D)"""
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    for path in args.video:  # fail before the (slow) model load
+        if not os.path.isfile(path):
+            raise CLIError(f"video not found: {path}")
+    for source in args.image:
+        if not source.startswith(("http://", "https://", "data:")) and not os.path.isfile(source):
+            raise CLIError(f"image not found: {source}")
+    model, processor = load(args)
+    session = ChatSession(model, processor, args)
+    for source in args.image:
+        session.add_image(source)
+    for source in args.video:
+        session.add_video(source)
+    if args.prompt is not None:
+        session.ask(args.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _status("Interactive chat. /help for commands, Ctrl-D to quit.")
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            rest = rest.strip()
+            try:
+                if command in ("/exit", "/quit"):
+                    return 0
+                if command == "/help":
+                    _status(HELP)
+                elif command == "/clear":
+                    session.clear()
+                    _status("(new conversation)")
+                elif command in ("/image", "/video") and rest:
+                    (session.add_image if command == "/image" else session.add_video)(rest)
+                    _status(f"({command[1:]} attached to your next message)")
+                else:
+                    _status(f"unknown command {line!r}; /help lists the commands")
+            except (ValueError, OSError) as e:
+                _status(f"error: {_one_line(e)}")
+            continue
+        try:
+            session.ask(line)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so and keep the session
+            _status(f"error: {_one_line(e)}")
+
+
+# --------------------------------------------------------------------------- serve
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from onevision.server.app import ServerConfig, create_app
+        from onevision.server.media import MediaLimits
+    except ImportError as e:
+        raise CLIError(f"the server needs extra packages ({e.name} is missing): pip install 'onevision[server]'"
+                       ) from None
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+    model, processor = load(args)
+    limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
+                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
+    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,
+                          max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                          default_max_tokens=args.default_max_tokens, max_queue=args.max_queue)
+    app = create_app(model, processor, config)
+    engine = app.state.server.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: stop admitting (503), let running requests finish
+            engine.start_draining()
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()  # a drained SIGTERM is a clean exit (0), not death by signal
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
+    _status(f"Serving {config.model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)")
+    server.run()
+    return 0 if server.started else 1
+
+
+# --------------------------------------------------------------------------- entry point
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from onevision import __version__
+
+        print(f"onevision {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run_chat(args) if args.command == "chat" else run_serve(args)
+    except KeyboardInterrupt:
+        _status("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError, NotImplementedError, ImportError) as e:
+        _status(f"onevision: error: {_one_line(e)}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP server: `create_app(model, processor, ServerConfig(...))` -> FastAPI app.
+
+Request path, cheap checks first, every 4xx decided before a response byte is sent:
+    API key (401) -> body size (413) -> JSON + schema (400, param = field path) -> model name (404)
+    -> unsupported options, counts, placeholders typed in text (400) -> admission (503 + Retry-After)
+    -> [thread pool] fetch + decode media, chat template, tokenize, context check (400) -> [worker] generate
+Media work and generation never run on the event loop. A client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from onevision.server import chat
+from onevision.server.engine import Engine
+from onevision.server.errors import APIError, AuthError, InvalidRequest, NotFound, PayloadTooLarge
+from onevision.server.media import MediaLimits, RemoteFetcher
+from onevision.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
+
+log = logging.getLogger("onevision.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "onevision"
+    api_key: str | None = None
+    media: MediaLimits = field(default_factory=MediaLimits)
+    max_images: int = 8
+    max_videos: int = 1
+    max_n: int = 8
+    max_body_bytes: int = 32 * 1024 * 1024
+    default_max_tokens: int = 1024
+    max_queue: int = 64
+    workers: int = 1
+    media_threads: int = 4
+
+
+# --------------------------------------------------------------------------- ASGI middleware
+class GuardMiddleware:
+    """Request id on every response; the API key checked for /v1/* before the body is read; bodies over the
+    limit refused with 413 (by Content-Length, and while the body streams in for chunked uploads)."""
+
+    def __init__(self, app, max_body_bytes: int, api_key: str | None = None):
+        self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        headers = dict(scope.get("headers", []))
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            error = key_error(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
+            if error is not None:
+                return await _send_error(send_with_id, error)
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body_bytes
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await _send_error(send_with_id, _too_large(self.max_body_bytes))
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send_with_id)
+        chunks, seen = [], 0  # read the (bounded) body here: chunked uploads are cut off at the limit
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_body_bytes:
+                return await _send_error(send_with_id, _too_large(self.max_body_bytes))
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+
+def key_error(header: str, api_key: str) -> AuthError | None:
+    """None when `header` is 'Bearer <api_key>' (constant-time comparison), else the 401 to send."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return AuthError("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return AuthError("invalid API key", code="invalid_api_key")
+    return None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_of(loc: tuple) -> str | None:
+    """pydantic loc ('body', 'messages', 0, 'content', 'list[ContentPart]', 1, 'text')
+    -> 'messages[0].content[1].text' (union branch tags dropped)."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part not in _UNION_TAGS and "[" not in part and "-" not in part:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def _validation_error(errors: list[dict]) -> InvalidRequest:
+    if not errors:
+        return InvalidRequest("invalid request body")
+    first = max(errors, key=lambda e: len([p for p in e.get("loc", ()) if p not in _UNION_TAGS]))
+    if first.get("type") in ("json_invalid", "json_type"):
+        return InvalidRequest("the request body is not valid JSON", code="invalid_json")
+    loc = tuple(first.get("loc", ()))
+    param = _param_of(loc)
+    if param is None and loc in ((), ("body",)):
+        return InvalidRequest("the request body must be a JSON object with 'model' and 'messages'",
+                              code="invalid_body")
+    message = str(first.get("msg", "invalid value"))
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------- the app
+class _State:
+    def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
+        self.model, self.processor, self.config = model, processor, config
+        self.tokenizer = processor.tokenizer
+        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
+        self.engine = Engine(model, self.tokenizer, max_queue=config.max_queue, workers=config.workers)
+        self.pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="onevision-media")
+        self.context = int(model.config.text_config.max_position_embeddings)
+        self.created = int(time.time())
+        self.placeholders = [processor.image_token, processor.video_token]
+
+
+def create_app(model, processor, config: ServerConfig | None = None, *, fetcher: RemoteFetcher | None = None
+               ) -> FastAPI:
+    """The FastAPI app serving `model` under `config.model_name`. Call `app.state.server.engine.stop()` (done at
+    lifespan shutdown) to cancel what is left and join the worker."""
+    from contextlib import asynccontextmanager
+
+    config = config or ServerConfig()
+    state = _State(model, processor, config, fetcher)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.engine.stop()
+        state.pool.shutdown(wait=False, cancel_futures=True)
+
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)}
+    app = FastAPI(title="onevision", version=_version(), lifespan=lifespan, responses=errors)
+    app.state.server = state
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(_validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {400: "the request body could not be parsed as JSON", 404: "unknown route",
+                   405: "method not allowed"}.get(exc.status_code, "request error")
+        return _error_response(APIError(message, status=exc.status_code, code=kind,
+                                        type="invalid_request_error" if exc.status_code < 500 else "server_error"))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError):
+        return _error_response(InvalidRequest("the request body is nested too deeply", code="invalid_json"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        request_id = request.scope.get("state", {}).get("request_id", "?")
+        log.error("internal error (request_id=%s)", request_id, exc_info=exc)
+        # this answer is sent from outside the middleware stack, so the request id header is set here
+        return _error_response(APIError(f"internal error (request_id={request_id})", status=500,
+                                        type="server_error", code="internal_error",
+                                        headers={"x-request-id": request_id}))
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health():
+        engine = state.engine
+        body = {"status": "draining" if engine.draining else "ok", "running": engine.running,
+                "waiting": engine.waiting}
+        return JSONResponse(body, status_code=503 if engine.draining else 200)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=config.model_name, created=state.created, max_model_len=state.context)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model_card(model_id: str):
+        if model_id != config.model_name:
+            raise NotFound(f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return ModelCard(id=config.model_name, created=state.created, max_model_len=state.context)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        request_id = request.scope.get("state", {}).get("request_id", f"req-{uuid.uuid4().hex[:16]}")
+        if body.model != config.model_name:
+            raise NotFound(f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        chat.check_request(body, state)
+        slot = state.engine.acquire()
+        try:
+            loop = asyncio.get_running_loop()
+            inputs, plan, prompt_tokens = await loop.run_in_executor(state.pool, chat.prepare, body, state)
+            greedy = not plan.cfg.do_sample
+            n = body.n or 1
+            job = state.engine.submit(slot, inputs, plan, 1 if greedy else n, request_id)
+        except BaseException:
+            slot.release()
+            raise
+        meta = {"id": f"chatcmpl-{request_id[4:]}", "created": int(time.time()), "model": config.model_name}
+        copies = n if greedy else 1  # greedy answers are identical: generate once, return n copies
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return chat.SSEResponse(job, chat.sse_events(job, meta, n, copies, prompt_tokens, include_usage))
+        return await chat.complete(job, request, meta, n, copies, prompt_tokens)
+
+    return app
+
+
+def _version() -> str:
+    from onevision import __version__
+
+    return __version__
+
+
+__all__ = ["GuardMiddleware", "ServerConfig", "create_app"]

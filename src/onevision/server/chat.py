@@ -1,0 +1,299 @@
+"""One chat completion, after the app has parsed and authenticated it: cheap checks, then (in a thread pool)
+media -> prompt ids -> context check -> generation plan, then the answer as JSON or as server-sent events.
+Only `create_app` (app.py) calls these; they never run model or media work on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from onevision.server.engine import Job
+from onevision.server.errors import APIError, ContextLengthExceeded, InvalidRequest
+from onevision.server.media import decode_image, decode_video, media_bytes
+from onevision.server.schemas import ChatCompletionRequest
+
+
+# --------------------------------------------------------------------------- validation
+def _text_parts(message) -> list[tuple[str, str]]:
+    """(param suffix, text) of a message's text content."""
+    if isinstance(message.content, str):
+        return [("content", message.content)]
+    return [(f"content[{j}].text", p.text) for j, p in enumerate(message.content or []) if p.type == "text"]
+
+
+def check_request(body: ChatCompletionRequest, state) -> None:
+    """Everything that can be refused without touching media or the model."""
+    config = state.config
+    unsupported = [("logprobs", bool(body.logprobs)), ("top_logprobs", bool(body.top_logprobs)),
+                   ("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+                   ("logit_bias", bool(body.logit_bias)),
+                   ("response_format", body.response_format is not None and body.response_format.type != "text"),
+                   ("presence_penalty", bool(body.presence_penalty)),
+                   ("frequency_penalty", bool(body.frequency_penalty))]
+    for name, used in unsupported:
+        if used:
+            hint = " (use repetition_penalty instead)" if name.endswith("_penalty") else ""
+            raise InvalidRequest(f"{name} is not supported by this server{hint}", param=name,
+                                 code="unsupported_parameter")
+    if (body.n or 1) > config.max_n:
+        raise InvalidRequest(f"n must be <= {config.max_n}, got {body.n}", param="n", code="invalid_value")
+    if body.max_tokens is not None and body.max_completion_tokens is not None and \
+            body.max_tokens != body.max_completion_tokens:
+        raise InvalidRequest("max_tokens and max_completion_tokens differ; send only one", param="max_tokens",
+                             code="invalid_value")
+    images = videos = 0
+    has_content = False
+    for i, message in enumerate(body.messages):
+        for suffix, text in _text_parts(message):
+            has_content = has_content or bool(text.strip())
+            for token in state.placeholders:
+                if token in text:
+                    raise InvalidRequest(
+                        f"the text contains the placeholder {token!r}, which is reserved; attach media as "
+                        "image_url / video_url content parts instead", param=f"messages[{i}].{suffix}",
+                        code="invalid_placeholder")
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type == "text":
+                continue
+            if message.role != "user":
+                raise InvalidRequest(f"{part.type} content is only supported in user messages",
+                                     param=f"messages[{i}].content[{j}]", code="invalid_value")
+            has_content = True
+            if part.type == "image_url":
+                images += 1
+                if images > config.max_images:
+                    raise InvalidRequest(f"at most {config.max_images} image(s) may be sent in one request",
+                                         param=f"messages[{i}].content[{j}].image_url", code="too_many_images")
+            else:
+                videos += 1
+                if videos > config.max_videos:
+                    raise InvalidRequest(f"at most {config.max_videos} video(s) may be sent in one request",
+                                         param=f"messages[{i}].content[{j}].video_url", code="too_many_videos")
+    if not has_content:
+        raise InvalidRequest("the messages have no content (no text, images or videos)", param="messages",
+                             code="empty_messages")
+
+
+def prepare(body: ChatCompletionRequest, state):
+    """[thread pool] media -> conversation -> prompt ids -> context check -> generation plan."""
+    from onevision.generation.generate import _plan
+    from onevision.processing import ProcessingError
+
+    config = state.config
+    conversation, images, videos = [], [], []
+    for i, message in enumerate(body.messages):
+        content: list[dict] = []
+        parts = [("content", None)] if isinstance(message.content, str) else \
+            [(f"content[{j}]", p) for j, p in enumerate(message.content or [])]
+        for suffix, part in parts:
+            if part is None:
+                content.append({"type": "text", "text": message.content})
+            elif part.type == "text":
+                content.append({"type": "text", "text": part.text})
+            else:
+                kind = "image" if part.type == "image_url" else "video"
+                param = f"messages[{i}].{suffix}.{part.type}"
+                url = (part.image_url or part.video_url).url
+                try:
+                    data = media_bytes(url, kind=kind, limits=config.media, fetcher=state.fetcher)
+                    if kind == "image":
+                        images.append(decode_image(data, config.media))
+                    else:
+                        videos.append(decode_video(data, config.media))
+                except InvalidRequest as e:
+                    e.param = param
+                    raise
+                content.append({"type": kind})
+        role = "system" if message.role == "developer" else message.role
+        conversation.append({"role": role, "content": content})
+    processor = state.processor
+    try:
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None,
+                           return_tensors="pt")
+    except ProcessingError as e:
+        raise InvalidRequest(f"the messages could not be processed: {e}", param="messages") from None
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    requested = body.max_completion_tokens or body.max_tokens
+    room = state.context - prompt_tokens
+    if requested is None:
+        if room <= 0:
+            raise ContextLengthExceeded(prompt_tokens, 1, state.context)
+        max_new = min(config.default_max_tokens, room)
+    else:
+        if requested > room:
+            raise ContextLengthExceeded(prompt_tokens, requested, state.context)
+        max_new = requested
+    if body.min_tokens and body.min_tokens > max_new:
+        raise InvalidRequest(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({max_new})",
+                             param="min_tokens", code="invalid_value")
+    kwargs = generation_kwargs(body, state.model, max_new)
+    model = state.model
+    inputs = inputs.to(model.device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(model.dtype)
+    seed = None if body.seed is None else body.seed % 2**63
+    try:
+        plan = _plan(model, inputs["input_ids"], None, state.tokenizer, seed, None, kwargs)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"invalid generation settings: {e}", code="invalid_value") from None
+    return dict(inputs), plan, prompt_tokens
+
+
+def generation_kwargs(body: ChatCompletionRequest, model, max_new: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+    default_sample = bool(getattr(model.generation_config, "do_sample", False))
+    sample = default_sample if body.temperature is None else body.temperature > 0
+    kwargs["do_sample"] = sample
+    if sample:
+        if body.temperature is not None:
+            kwargs["temperature"] = body.temperature
+        if body.top_p is not None:
+            kwargs["top_p"] = body.top_p
+        if body.top_k is not None:
+            kwargs["top_k"] = max(body.top_k, 0)
+        if body.min_p is not None:
+            kwargs["min_p"] = body.min_p
+        if (body.n or 1) > 1:
+            kwargs["num_return_sequences"] = body.n
+    else:  # settings that only shape sampling are dropped for greedy decoding
+        kwargs.update(temperature=1.0, top_p=1.0, min_p=None)
+    if body.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = body.repetition_penalty
+    if body.min_tokens:
+        kwargs["min_new_tokens"] = body.min_tokens
+    if body.stop:
+        kwargs["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    return kwargs
+
+
+# --------------------------------------------------------------------------- answering
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(job: Job, rows: int) -> tuple[list[str], list[str], list[int]]:
+    texts, reasons, counts = [""] * rows, ["stop"] * rows, [0] * rows
+    while True:
+        event = await job.events.get()
+        if event[0] == "delta":
+            texts[event[1]] += event[2]
+        elif event[0] == "finish":
+            reasons[event[1]], counts[event[1]] = event[2], event[3]
+        elif event[0] == "end":
+            return texts, reasons, counts
+        else:
+            raise APIError(event[1], status=500, type="server_error", code="generation_failed")
+
+
+async def complete(job: Job, request: Request, meta: dict, n: int, copies: int, prompt_tokens: int):
+    collect = asyncio.ensure_future(_collect(job, job.rows))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():  # the client left (or the server is stopping): stop the generation
+            job.cancel()
+            collect.cancel()
+    if not collect.done() or collect.cancelled():
+        return JSONResponse({}, status_code=499)
+    texts, reasons, counts = collect.result()
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i // copies]},
+                "finish_reason": reasons[i // copies], "logprobs": None} for i in range(n)]
+    completion = sum(counts[i // copies] for i in range(n))
+    return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "system_fingerprint": None,
+                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                   "total_tokens": prompt_tokens + completion}})
+
+
+def _chunk(meta: dict, choices: list[dict], usage: dict | None = None) -> bytes:
+    body = {**meta, "object": "chat.completion.chunk", "choices": choices, "system_fingerprint": None}
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def sse_events(job: Job, meta: dict, n: int, copies: int, prompt_tokens: int, include_usage: bool):
+    for i in range(n):
+        yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+    counts = [0] * job.rows
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), timeout=5.0)
+        except asyncio.TimeoutError:  # still queued: a comment line keeps proxies (and disconnect detection) alive
+            yield b": waiting\n\n"
+            continue
+        kind = event[0]
+        if kind == "delta":
+            row, text = event[1], event[2]
+            for i in range(row * copies, row * copies + copies):
+                yield _chunk(meta, [{"index": i, "delta": {"content": text}, "logprobs": None,
+                                     "finish_reason": None}])
+        elif kind == "finish":
+            row, reason, counts[row] = event[1], event[2], event[3]
+            for i in range(row * copies, row * copies + copies):
+                yield _chunk(meta, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        elif kind == "end":
+            if include_usage:
+                completion = sum(counts) * copies
+                yield _chunk(meta, [], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                        "total_tokens": prompt_tokens + completion})
+            break
+        else:  # failed mid-generation: the status line is already sent, so the error goes in the stream
+            error = {"error": {"message": event[1], "type": "server_error", "param": None, "code": "generation_failed"}}
+            yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            break
+    yield b"data: [DONE]\n\n"
+
+
+class SSEResponse(Response):
+    """text/event-stream response that cancels the job as soon as the client disconnects (it listens for
+    http.disconnect while streaming, independent of the ASGI server's send behaviour)."""
+
+    def __init__(self, job: Job, events):
+        super().__init__(status_code=200, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.job, self.events = job, events
+
+    async def __call__(self, scope, receive, send):
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        stream = asyncio.ensure_future(self._stream(send))
+        gone = asyncio.ensure_future(self._listen(receive))
+        try:
+            await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not stream.done():
+                self.job.cancel()
+                stream.cancel()
+            gone.cancel()
+            await asyncio.gather(stream, gone, return_exceptions=True)
+            await self.events.aclose()
+
+    async def _stream(self, send) -> None:
+        try:
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we were writing
+            self.job.cancel()
+
+    @staticmethod
+    async def _listen(receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+
+__all__ = ["SSEResponse", "check_request", "complete", "generation_kwargs", "prepare", "sse_events"]
