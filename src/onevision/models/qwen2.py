@@ -34,7 +34,8 @@ class RotaryEmbedding(nn.Module):
         if rope_type != "default":
             raise ValueError(f"rope_type {rope_type!r} is not supported (LLaVA-OneVision's Qwen2 uses 'default')")
         self.dim, self.theta = cfg.head_dim, cfg.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+        # computed on the CPU even under a meta-device context (meta arithmetic drags in torch's compiler)
+        self.register_buffer("inv_freq", self.compute_inv_freq("cpu"), persistent=False)
 
     def compute_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
