@@ -147,3 +147,16 @@ def test_loading_is_lazy_about_memory(tiny_ckpt):
     model = Ours.from_pretrained(tiny_ckpt)
     assert not any(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
+
+
+def test_base_model_matches_reference_base_model(tiny_ckpt):
+    from transformers import LlavaOnevisionModel as RefBase
+
+    from onevision import LlavaOnevisionModel
+
+    ours = LlavaOnevisionModel.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    ref = RefBase.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    assert not any(p.is_meta for p in ours.parameters())
+    inputs = make_inputs(sizes=[(140, 100)], frames=1)
+    with torch.no_grad():
+        close(ours(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=0.0)

@@ -91,6 +91,20 @@ class LlavaOnevisionModel(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = Qwen2Model(config.text_config)
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> LlavaOnevisionModel:
+        """Load a checkpoint's vision tower, projector and language model; its LM head is not read."""
+        full = LlavaOnevisionForConditionalGeneration.from_pretrained(path_or_repo_id, _skip_lm_head=True, **kwargs)
+        return full.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_newline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
+
     # -- vision -------------------------------------------------------------------------------------------
     def _vision_features(self, pixel_values: torch.Tensor, vision_feature_layer, strategy: str) -> torch.Tensor:
         """(N, 3, 384, 384) -> projected (N, 729, C)."""
@@ -329,7 +343,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype: Any = "auto",
                         device_map: Any = None, attn_implementation: str | None = None,
                         use_flash_attention_2: bool = False, torch_dtype: Any = None,
-                        quantization_config: Any = None, **hub_kwargs: Any):
+                        quantization_config: Any = None, _skip_lm_head: bool = False, **hub_kwargs: Any):
         """Build on the meta device and assign memory-mapped safetensors: peak memory ~ one copy of the weights."""
         from onevision import loading
 
@@ -357,7 +371,8 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             set_tensor = prepare_quantized_loading(model, quantization_config, dtype, device)
         tied = config.tie_word_embeddings
         try:
-            loading.load_checkpoint(model, folder, dtype, device, skip={"lm_head.weight"} if tied else (),
+            loading.load_checkpoint(model, folder, dtype, device,
+                                    skip={"lm_head.weight"} if tied or _skip_lm_head else (),
                                     set_tensor=set_tensor)
         finally:
             if set_tensor is not None:  # the quantizer may still be packing the last weights
