@@ -72,3 +72,22 @@ def test_bad_values_are_clear_errors():
         SiglipVisionConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(TypeError, match="vision_config must be"):
         LlavaOnevisionConfig(vision_config=3)
+
+
+def test_model_from_config_like_the_doc():
+    """The doc builds a random model from a config: every parameter initialised, outputs finite."""
+    import torch
+
+    from onevision import LlavaOnevisionForConditionalGeneration
+
+    cfg = LlavaOnevisionConfig(
+        SiglipVisionConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, image_size=28, patch_size=14,
+                           intermediate_size=40, vision_use_head=False),
+        Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                    intermediate_size=40, vocab_size=100), image_token_index=98, video_token_index=99,
+        image_grid_pinpoints=[[28, 28]])
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ids = torch.tensor([[1, 2] + [98] * 6 + [3]])
+    out = model(input_ids=ids, pixel_values=torch.randn(1, 2, 3, 28, 28), image_sizes=torch.tensor([[28, 28]]))
+    assert torch.isfinite(out.logits).all()

@@ -89,6 +89,9 @@ class LlavaOnevisionModel(nn.Module):
         self.vision_tower = SiglipVisionTower(config.vision_config)
         self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        if not self.image_newline.is_meta:  # a fresh random model (from_pretrained builds on meta and loads it)
+            with torch.no_grad():
+                self.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
         self.language_model = Qwen2Model(config.text_config)
 
     @classmethod
@@ -323,6 +326,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, output_attentions=None,
                 cache=None, **kwargs) -> ModelOutput:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("mm_token_type_ids", None)  # an optional processor output the model does not need
         out = self.model(input_ids, pixel_values, image_sizes, pixel_values_videos, image_sizes_videos, attention_mask,
                          position_ids, past_key_values, inputs_embeds, vision_feature_layer,
                          vision_feature_select_strategy, vision_aspect_ratio, batch_num_images, use_cache,
