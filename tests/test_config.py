@@ -88,6 +88,6 @@ def test_model_from_config_like_the_doc():
         image_grid_pinpoints=[[28, 28]])
     model = LlavaOnevisionForConditionalGeneration(cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    ids = torch.tensor([[1, 2] + [98] * 6 + [3]])
+    ids = torch.tensor([[1, 2] + [98] * 10 + [3]])  # base 2x2 + grid 2x2 + 2 newlines
     out = model(input_ids=ids, pixel_values=torch.randn(1, 2, 3, 28, 28), image_sizes=torch.tensor([[28, 28]]))
     assert torch.isfinite(out.logits).all()
