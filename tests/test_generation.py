@@ -223,3 +223,14 @@ def test_generation_config_round_trip(tmp_path):
 
     ref = Ref.from_pretrained(tmp_path)
     assert ref.temperature == 0.5 and ref.do_sample
+
+
+def test_mask_inferred_from_pad_and_transformers_generation_config(our_model, reference_model):
+    from transformers import GenerationConfig as RefConfig
+
+    a, b = make_inputs(text=(6, 5), seed=30), make_inputs(text=(3, 2), seed=31)
+    ids, _ = left_pad([a, b], pad=151643)
+    ref_cfg = RefConfig(max_new_tokens=12, do_sample=False, pad_token_id=151643, eos_token_id=151645)
+    ours = our_model.generate(input_ids=ids, generation_config=ref_cfg)
+    ref = reference_model.generate(input_ids=ids, generation_config=ref_cfg)
+    assert torch.equal(ours, ref)

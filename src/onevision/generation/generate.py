@@ -137,6 +137,8 @@ class _Plan:
 def _plan(model, input_ids: torch.Tensor, generation_config: GenerationConfig | None, tokenizer, seed, generator,
           kwargs: dict[str, Any]) -> _Plan:
     base = generation_config or model.generation_config or GenerationConfig()
+    if not isinstance(base, GenerationConfig):  # e.g. transformers' GenerationConfig
+        base = GenerationConfig.from_dict({k: v for k, v in base.to_dict().items() if v is not None})
     cfg = base.updated(**kwargs) if kwargs else dataclasses.replace(base)
     cfg.validate()
     prompt = input_ids.shape[1]
@@ -196,8 +198,10 @@ def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     _check_padding(input_ids, attention_mask)
     b, prompt = input_ids.shape
     n = cfg.num_return_sequences
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    if attention_mask is None:  # inferred from an explicit pad id that is not also an eos id, like the reference
+        pad_given = cfg.pad_token_id is not None and cfg.pad_token_id not in cfg.eos_ids()
+        attention_mask = input_ids.ne(cfg.pad_token_id).long() if pad_given else torch.ones_like(input_ids)
+        _check_padding(input_ids, attention_mask)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     dtype = model.get_input_embeddings().weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
