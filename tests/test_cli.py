@@ -160,3 +160,12 @@ def test_serve_answers_and_drains_on_sigterm(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_out_of_range_numbers_are_argparse_errors():
+    import subprocess
+    import sys
+
+    for args in (["serve", "--port", "99999"], ["chat", "--seed", "1" * 30, "hi"], ["serve", "--max-body-mb", "0"]):
+        run = subprocess.run([sys.executable, "-m", "onevision", *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and "expected" in run.stderr, run.stderr

@@ -171,6 +171,9 @@ BAD = [
      "invalid_request_error", P0, "local_media_forbidden"),
     ("relative file url", _base(messages=_user(_img("file://../outside/secret.png"))), 400, "invalid_request_error",
      P0, "invalid_file_url"),
+    ("lone surrogate in text", _base(messages=[{"role": "user", "content": "\ud800x"}]), 400,
+     "invalid_request_error", "messages", "invalid_value"),
+    ("lone surrogate in model", _base(model="\ud800"), 404, "invalid_request_error", "model", "model_not_found"),
 ]
 
 
@@ -275,6 +278,13 @@ def test_degenerate_but_valid_images_are_answered(server, size, mode):
     Image.new(mode, size).save(buf, format="TIFF" if mode == "CMYK" else "PNG")
     r = _post(server, _base(messages=_user(_img(data_uri(buf.getvalue())))))
     assert r.status_code == 200, r.text
+
+
+def test_tiny_temperature_is_greedy_not_an_overflow(server):
+    """Like vLLM, 0 < temperature < 1e-5 decodes greedily (logits / 1e-40 would overflow to inf)."""
+    tiny, zero = _post(server, _base(temperature=1e-40)), _post(server, _base(temperature=0))
+    assert tiny.status_code == zero.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == zero.json()["choices"][0]["message"]
 
 
 def test_server_still_up_after_the_table(server):

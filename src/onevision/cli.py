@@ -22,24 +22,33 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
-def _positive_int(text: str) -> int:
+def _int_in(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (no upper bound when high is None)."""
+    bound = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int, _nonneg_int = _int_in(1), _int_in(0)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -72,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--top-k", type=_nonneg_int, default=None)
     chat.add_argument("--repetition-penalty", type=float, default=None)
-    chat.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     serve.add_argument("--api-key", default=os.environ.get("ONEVISION_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $ONEVISION_API_KEY, else no key)")
@@ -92,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
     serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000,
                        help="largest width*height accepted, checked before decoding (default 50M)")
-    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
+    serve.add_argument("--max-body-mb", type=_positive_float, default=32.0, help="largest request body in MB (default 32)")
     serve.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
     serve.add_argument("--default-max-tokens", type=_positive_int, default=1024,
                        help="completion limit when a request sets none (default 1024, capped by the context)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+    serve.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish (default 30)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser

@@ -96,8 +96,8 @@ class GenerationConfig:
             (self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
             (self.num_return_sequences >= 1, "num_return_sequences must be >= 1"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (not self.do_sample or self.temperature > 0, "temperature must be > 0 when do_sample=True "
-                                                        "(use do_sample=False for greedy decoding)"),
+            (not self.do_sample or self.temperature >= 1e-5, "temperature must be >= 1e-5 when do_sample=True "
+                                                           "(smaller ones overflow; use do_sample=False for greedy)"),
             (self.top_k is None or self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),

@@ -181,6 +181,12 @@ class Qwen2TokenizerFast:
         if padding == "max_length" and max_length is None:
             max_length = self.model_max_length
 
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ProcessingError(f"text {i} is not valid Unicode ({e.reason} at position {e.start}, e.g. a lone "
+                                      "surrogate); send UTF-8 text") from None
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         rows = [(list(e.ids), list(e.offsets)) for e in encodings]
         if truncation not in (None, False, "do_not_truncate"):

@@ -129,7 +129,16 @@ async def _send_error(send, error: APIError) -> None:
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    body = _printable(error.body())  # a client's invalid Unicode echoed in a message must not break the reply
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _printable(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    return value
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

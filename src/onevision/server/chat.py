@@ -116,7 +116,7 @@ def prepare(body: ChatCompletionRequest, state):
         inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None,
                            return_tensors="pt")
     except ProcessingError as e:
-        raise InvalidRequest(f"the messages could not be processed: {e}", param="messages") from None
+        raise InvalidRequest(f"the messages could not be processed: {e}", param="messages", code="invalid_value") from None
     prompt_tokens = int(inputs["input_ids"].shape[1])
     requested = body.max_completion_tokens or body.max_tokens
     room = state.context - prompt_tokens
@@ -148,7 +148,8 @@ def prepare(body: ChatCompletionRequest, state):
 def generation_kwargs(body: ChatCompletionRequest, model, max_new: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": max_new}
     default_sample = bool(getattr(model.generation_config, "do_sample", False))
-    sample = default_sample if body.temperature is None else body.temperature > 0
+    # like vLLM, a temperature below 1e-5 means greedy (dividing logits by it would overflow)
+    sample = default_sample if body.temperature is None else body.temperature >= 1e-5
     kwargs["do_sample"] = sample
     if sample:
         if body.temperature is not None:
