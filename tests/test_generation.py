@@ -170,7 +170,11 @@ def test_bad_arguments_are_errors_with_a_remedy(our_model):
     with pytest.raises(ValueError, match="exceeds the model's context of 4096"):
         our_model.generate(**inputs, max_new_tokens=5000)
     with pytest.raises(ValueError, match="pass max_new_tokens"):
-        our_model.generate(**with_mask(make_inputs(text=(20, 20))))
+        our_model.generate(**with_mask(make_inputs(text=(20, 20))), max_length=10)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        our_model.generate(**inputs, max_new_tokens=3.0)
+    with pytest.raises(ValueError, match="output_scores"):
+        our_model.generate(**inputs, max_new_tokens=2, output_scores=True)
     with pytest.raises(ValueError, match="num_beams"):
         our_model.generate(**inputs, num_beams=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p must be in"):
@@ -234,3 +238,36 @@ def test_mask_inferred_from_pad_and_transformers_generation_config(our_model, re
     ours = our_model.generate(input_ids=ids, generation_config=ref_cfg)
     ref = reference_model.generate(input_ids=ids, generation_config=ref_cfg)
     assert torch.equal(ours, ref)
+
+
+def test_defaults_without_a_length_and_merged_generation_config(our_model, reference_model):
+    from transformers import GenerationConfig as RefConfig
+
+    inputs = with_mask(make_inputs(sizes=[(300, 200)], seed=1))
+    ours, ref = both(our_model, reference_model, inputs, output_scores=False)  # no length: 20 new tokens
+    assert torch.equal(ours, ref) and ours.shape[1] == inputs["input_ids"].shape[1] + 20
+    eos = int(ours[0, inputs["input_ids"].shape[1] + 1])
+    saved = our_model.generation_config.eos_token_id, reference_model.generation_config.eos_token_id
+    our_model.generation_config.eos_token_id = reference_model.generation_config.eos_token_id = eos
+    try:  # a generation_config argument keeps the model's eos underneath, like the reference
+        ours, ref = both(our_model, reference_model, inputs, generation_config=RefConfig(max_new_tokens=8))
+        assert torch.equal(ours, ref) and ours.shape[1] < inputs["input_ids"].shape[1] + 8
+    finally:
+        our_model.generation_config.eos_token_id, reference_model.generation_config.eos_token_id = saved
+
+
+def test_stop_strings_split_across_byte_tokens_match_reference(hf_tokenizer):
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from onevision import AutoProcessor
+    from onevision.generation.generate import _stop_string_hit, token_bytes_fn
+
+    ours_tok = AutoProcessor.from_pretrained(HUB_PROCESSOR).tokenizer
+    token_bytes = token_bytes_fn(ours_tok)
+    cases = [("x🦩", "🦩"), ("abc𓀀", "𓀀"), ("x🫠 y", "🫠 y"), ("𠀋", "𠀋"), ("hello world", "lo w"),
+             ("hello world", "world"), ("hello world", "hello"), ("stop<|im_end|>", "p<|im_end|>"), ("naïve", "ïv")]
+    for text, stop in cases:
+        ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        for end in range(1, len(ids) + 1):
+            expected = bool(StopStringCriteria(hf_tokenizer, [stop])(torch.tensor([ids[:end]]), None)[0])
+            assert _stop_string_hit(token_bytes, ids[:end], [stop.encode()]) == expected, (text, stop, end)

@@ -115,12 +115,21 @@ def test_feature_functions_match_reference(our_model, reference_model):
     inputs = make_inputs(sizes=[(899, 1024), (20, 40)])
     with torch.no_grad():
         ref = reference_model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        ours = our_model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        ours = our_model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
         assert len(ours) == len(ref)
         for x, y in zip(ours, ref):
             close(x, y)
         video = torch.randn(2, 2, 3, TILE, TILE)
-        close(our_model.get_video_features(video), reference_model.get_video_features(video).pooler_output)
+        close(our_model.get_video_features(video).pooler_output,
+              reference_model.get_video_features(video).pooler_output)
+        # pack_image_features without a newline adds none, like the reference
+        sizes = torch.tensor([[300, 200], [40, 40]])
+        raw = [torch.randn(geometry.num_anyres_patches((300, 200), PINPOINTS, TILE), 16, 64), torch.randn(1, 16, 64)]
+        ours_packed, ours_lens = our_model.pack_image_features(raw, sizes)
+        ref_packed, ref_lens = reference_model.model.pack_image_features(raw, sizes)
+        assert torch.equal(ours_lens, ref_lens)
+        for x, y in zip(ours_packed, ref_packed):
+            close(x, y)
 
 
 def test_incremental_decoding_matches_full_forward(our_model, reference_model):
@@ -189,3 +198,35 @@ def test_training_gradients_match_reference(tiny_ckpt):
         if name == "lm_head.weight" and ours.config.tie_word_embeddings:
             continue
         close(p.grad, ref_params[name].grad, atol=1e-5)
+
+
+def test_cache_logits_to_keep_and_tuple_outputs_like_reference(our_model, reference_model):
+    inputs = make_inputs(sizes=[(120, 300)], seed=6)
+    ids = inputs.pop("input_ids")
+    with torch.no_grad():
+        # a passed cache is used even with use_cache=False
+        ours_cache = our_model(input_ids=ids, **inputs, use_cache=True).past_key_values
+        ref_cache = reference_model(input_ids=ids, **inputs, use_cache=True).past_key_values
+        step = torch.tensor([[7]])
+        close(our_model(input_ids=step, past_key_values=ours_cache, use_cache=False).logits,
+              reference_model(input_ids=step, past_key_values=ref_cache, use_cache=False).logits)
+        # crop(-n) forgets the last n tokens
+        ours_cache.crop(-2)
+        ref_cache.crop(-2)
+        close(our_model(input_ids=step, past_key_values=ours_cache).logits,
+              reference_model(input_ids=step, past_key_values=ref_cache).logits)
+        n = ids.shape[1]
+        for keep in (torch.tensor([[0, 3, n - 1]]), torch.arange(n)[None] % 5 == 0, -1, 3, torch.tensor([1, 2])):
+            a = our_model(input_ids=ids, **inputs, logits_to_keep=keep).logits
+            b = reference_model(input_ids=ids, **inputs, logits_to_keep=keep).logits
+            assert a.shape == b.shape
+            close(a, b)
+        as_tuple = our_model(input_ids=ids, **inputs, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        close(as_tuple[0], reference_model(input_ids=ids, **inputs).logits)
+
+
+def test_out_of_range_feature_layer_is_an_error(our_model):
+    inputs = make_inputs(sizes=[(56, 56)])
+    with pytest.raises(ValueError, match="out of range"):
+        our_model(**inputs, vision_feature_layer=7)

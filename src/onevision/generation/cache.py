@@ -45,8 +45,11 @@ class KVCache:
         """Called once per forward, after every layer has written its new tokens."""
         self.length = max(self.length, self._pending)
 
-    def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a negative int, the reference's convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
 
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)

@@ -23,6 +23,9 @@ from onevision.generation import sampling
 from onevision.generation.streaming import IncrementalDecoder
 
 GENERATION_CONFIG = "generation_config.json"
+_OFF_BY_DEFAULT = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                   "output_hidden_states", "logits_processor", "stopping_criteria", "synced_gpus", "assistant_model",
+                   "prefix_allowed_tokens_fn", "negative_prompt_ids")
 MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
 
 
@@ -30,7 +33,7 @@ MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes
 class GenerationConfig:
     """The generation settings onevision honours; defaults are the reference's."""
 
-    max_length: int = 20
+    max_length: int | None = None  # unset: 20 new tokens (the reference's default max_length counts from the prompt)
     max_new_tokens: int | None = None
     min_length: int = 0
     min_new_tokens: int | None = None
@@ -69,10 +72,13 @@ class GenerationConfig:
         with open(os.path.join(folder, GENERATION_CONFIG), encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, keep_extra: bool = True) -> dict[str, Any]:
+        """The settings that differ from the defaults (bos/eos always), plus the unknown keys read from a file."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         default = GenerationConfig()
         out = {k: v for k, v in out.items() if v != getattr(default, k) or k in ("bos_token_id", "eos_token_id")}
+        if not keep_extra:
+            return {k: v for k, v in out.items() if v is not None}
         return {**self.extra, **out}
 
     def save_pretrained(self, folder: str) -> None:
@@ -92,6 +98,10 @@ class GenerationConfig:
         if self.num_beams != 1:
             raise ValueError(f"num_beams={self.num_beams}: beam search is not supported; use num_beams=1 "
                              "(greedy or sampling)")
+        for name in ("max_new_tokens", "max_length", "min_new_tokens", "num_return_sequences"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         checks = [
             (self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
             (self.num_return_sequences >= 1, "num_return_sequences must be >= 1"),
@@ -136,14 +146,19 @@ class _Plan:
 
 def _plan(model, input_ids: torch.Tensor, generation_config: GenerationConfig | None, tokenizer, seed, generator,
           kwargs: dict[str, Any]) -> _Plan:
-    base = generation_config or model.generation_config or GenerationConfig()
-    if not isinstance(base, GenerationConfig):  # e.g. transformers' GenerationConfig
-        base = GenerationConfig.from_dict({k: v for k, v in base.to_dict().items() if v is not None})
+    base = model.generation_config or GenerationConfig()
+    if generation_config is not None:  # its settings over the model's defaults (eos, pad, ...), like the reference
+        if not isinstance(generation_config, GenerationConfig):  # e.g. transformers' GenerationConfig
+            generation_config = GenerationConfig.from_dict(
+                {k: v for k, v in generation_config.to_dict().items() if v is not None})
+        base = base.updated(**generation_config.to_dict(keep_extra=False))
     cfg = base.updated(**kwargs) if kwargs else dataclasses.replace(base)
     cfg.validate()
     prompt = input_ids.shape[1]
     if cfg.max_new_tokens is not None:
         max_new = cfg.max_new_tokens
+    elif cfg.max_length is None:
+        max_new = 20
     else:
         max_new = cfg.max_length - prompt
         if max_new <= 0:
@@ -177,17 +192,50 @@ def _check_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
                          "tokenizer.padding_side = 'left'")
 
 
-def _stop_string_hit(tokenizer, ids: list[int], stops: list[str]) -> bool:
-    """True when a stop string ends within the last token's text (the reference's StopStringCriteria rule)."""
+def _stop_string_hit(token_bytes, ids: list[int], stops: list[bytes]) -> bool:
+    """True when a stop string ends within the last token (the reference's StopStringCriteria rule), compared
+    on UTF-8 bytes so that characters split across byte-level tokens (emoji, rare CJK) still match."""
     longest = max(len(s) for s in stops)
-    tail = ids[-(longest + 2):]
-    text = tokenizer.decode(tail)
-    before = len(tokenizer.decode(tail[:-1]))
+    tail = b""
+    for i in reversed(ids):  # enough tokens to cover the longest stop string plus the last token
+        tail = token_bytes(i) + tail
+        if len(tail) >= longest + len(token_bytes(ids[-1])):
+            break
+    before = len(tail) - len(token_bytes(ids[-1]))
     for s in stops:
-        start = text.find(s, max(0, before - len(s) + 1))
+        start = tail.find(s, max(0, before - len(s) + 1))
         if start != -1 and start + len(s) > before:
             return True
     return False
+
+
+def _byte_decoder():
+    """GPT-2 byte-level BPE: the printable character that stands for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes_fn(tokenizer):
+    """id -> the UTF-8 bytes the token stands for (byte-level tokens mapped back; special tokens as text)."""
+    decoder = _byte_decoder()
+    cache: dict[int, bytes] = {}
+
+    def token_bytes(i: int) -> bytes:
+        if i not in cache:
+            piece = tokenizer.convert_ids_to_tokens(int(i)) or ""
+            if all(ch in decoder for ch in piece):
+                cache[i] = bytes(decoder[ch] for ch in piece)
+            else:
+                cache[i] = tokenizer.decode([int(i)]).encode("utf-8")
+        return cache[i]
+
+    return token_bytes
 
 
 @torch.inference_mode()
@@ -224,6 +272,8 @@ def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
     next_pos = position_ids[:, -1:] + 1
     min_new = max(cfg.min_new_tokens or 0, cfg.min_length - prompt)
+    stop_bytes = [s.encode("utf-8") for s in plan.stop_strings]
+    token_bytes = token_bytes_fn(tokenizer) if plan.stop_strings else None
     for step in range(plan.max_new):
         length = prompt + step
         ban = plan.eos if plan.eos is not None and step < min_new else None
@@ -237,7 +287,7 @@ def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             unfinished &= ~torch.isin(token, plan.eos)
         if plan.stop_strings:
             for r in range(rows):
-                if unfinished[r] and _stop_string_hit(tokenizer, seen[r, : length + 1].tolist(), plan.stop_strings):
+                if unfinished[r] and _stop_string_hit(token_bytes, seen[r, : length + 1].tolist(), stop_bytes):
                     unfinished[r] = False
         yield token
         if step + 1 == plan.max_new or not bool(unfinished.any()):
@@ -258,6 +308,11 @@ def generate(model, inputs: torch.Tensor | None = None, generation_config: Gener
         raise ValueError("generate() needs input_ids (e.g. model.generate(**processor(...)))")
     media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
     kwargs.pop("mm_token_type_ids", None)  # a processor output the model does not need
+    for name in _OFF_BY_DEFAULT:  # transformers arguments accepted at their "off" value only
+        if name in kwargs:
+            if kwargs[name]:
+                raise ValueError(f"generate({name}=...) is not supported by onevision; leave it unset")
+            del kwargs[name]
     for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
         if key in kwargs:
             media[key] = kwargs.pop(key)

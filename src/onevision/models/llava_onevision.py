@@ -38,7 +38,9 @@ class ModelOutput(dict):
         return None
 
     def __getitem__(self, key: str | int) -> Any:
-        return list(self.values())[key] if isinstance(key, int) else super().__getitem__(key)
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__("past_key_values" if key == "cache" else key)
 
     def to_tuple(self) -> tuple:
         return tuple(self.values())
@@ -57,7 +59,7 @@ class LlavaOnevisionMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-def pack_anyres(features: torch.Tensor, size: tuple[int, int], newline: torch.Tensor,
+def pack_anyres(features: torch.Tensor, size: tuple[int, int], newline: torch.Tensor | None,
                 cfg: LlavaOnevisionConfig, vision_aspect_ratio: str) -> torch.Tensor:
     """One image's projected patches (1 + rows*cols, side*side, C) -> (729 + h*(w+1), C): base tokens, then the
     unpadded (and, above 1.1x the budget, bilinearly downscaled) grid row by row, a newline after each row."""
@@ -76,8 +78,14 @@ def pack_anyres(features: torch.Tensor, size: tuple[int, int], newline: torch.Te
     if target is not None:
         grid = F.interpolate(grid[None], size=list(target), mode="bilinear")[0]
     h, w = grid.shape[1:]
-    grid = torch.cat((grid, newline[:, None, None].expand(c, h, 1).to(grid.dtype)), dim=-1)  # (C, h, w + 1)
+    if newline is not None:
+        grid = torch.cat((grid, newline[:, None, None].expand(c, h, 1).to(grid.dtype)), dim=-1)  # (C, h, w + 1)
     return torch.cat((base, grid.flatten(1, 2).transpose(0, 1)), dim=0)
+
+
+def _with_newline(tokens: torch.Tensor, newline: torch.Tensor | None) -> torch.Tensor:
+    """A multi-image member: its 729 tokens, then one newline."""
+    return tokens if newline is None else torch.cat((tokens, newline[None].to(tokens.dtype)), dim=0)
 
 
 class LlavaOnevisionModel(nn.Module):
@@ -138,8 +146,9 @@ class LlavaOnevisionModel(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
                            vision_feature_layer=None, vision_feature_select_strategy: str | None = None,
-                           vision_aspect_ratio: str | None = None, batch_num_images=None) -> list[torch.Tensor]:
-        """pixel_values (N, P, 3, 384, 384) or (sum P, 3, 384, 384) -> packed features per image, [(n_i, C)]."""
+                           vision_aspect_ratio: str | None = None, batch_num_images=None) -> ModelOutput:
+        """pixel_values (N, P, 3, 384, 384) or (sum P, 3, 384, 384) -> .pooler_output: packed features per image,
+        [(n_i, C)] (the reference's output shape)."""
         cfg = self.config
         layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or cfg.vision_feature_select_strategy
@@ -163,21 +172,22 @@ class LlavaOnevisionModel(nn.Module):
             if f.shape[0] > 1:
                 packed.append(pack_anyres(f, tuple(size), self.image_newline, cfg, aspect))
             else:
-                packed.append(torch.cat((f[0], self.image_newline[None].to(f.dtype)), dim=0))
-        return packed
+                packed.append(_with_newline(f[0], self.image_newline))
+        return ModelOutput(pooler_output=packed)
 
     def pack_image_features(self, image_features, image_sizes, image_newline=None,
                             vision_aspect_ratio: str = "anyres_max_9"):
-        """Reference-compatible packing of per-image (P, 729, C) features -> (list of (n_i, C), lengths)."""
-        newline = self.image_newline if image_newline is None else image_newline
-        out = [pack_anyres(f, tuple(torch.as_tensor(s).tolist()), newline, self.config, vision_aspect_ratio)
-               if f.shape[0] > 1 else torch.cat((f[0], newline[None].to(f.dtype)), dim=0)
+        """Reference-compatible packing of per-image (P, 729, C) features -> (list of (n_i, C), lengths).
+        Like the reference, no newline tokens are added unless `image_newline` is given."""
+        out = [pack_anyres(f, tuple(torch.as_tensor(s).tolist()), image_newline, self.config, vision_aspect_ratio)
+               if f.shape[0] > 1 else _with_newline(f[0], image_newline)
                for f, s in zip(image_features, image_sizes)]
         return out, torch.tensor([o.shape[0] for o in out], dtype=torch.long, device=out[0].device)
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
-                           vision_feature_select_strategy: str | None = None) -> torch.Tensor:
-        """(B, T, 3, 384, 384) -> (B, T*196 + 1, C): each frame's 27x27 grid pooled to 14x14, one newline per video."""
+                           vision_feature_select_strategy: str | None = None) -> ModelOutput:
+        """(B, T, 3, 384, 384) -> .pooler_output (B, T*196 + 1, C): each frame's 27x27 grid pooled to 14x14, one
+        newline per video."""
         cfg = self.config
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos of shape {tuple(pixel_values_videos.shape)}, expected "
@@ -192,7 +202,7 @@ class LlavaOnevisionModel(nn.Module):
         pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
         pooled = pooled.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, T*196, C)
         newline = self.image_newline[None, None].expand(b, 1, c).to(pooled.dtype)
-        return torch.cat((pooled, newline), dim=1)
+        return ModelOutput(pooler_output=torch.cat((pooled, newline), dim=1))
 
     # -- merge ------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -221,6 +231,9 @@ class LlavaOnevisionModel(nn.Module):
                 inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
                 vision_aspect_ratio=None, batch_num_images=None, use_cache=None, output_hidden_states=None,
                 output_attentions=None, cache=None, **kwargs) -> ModelOutput:
+        kwargs.pop("cache_position", None)  # positions come from the cache's own length
+        kwargs.pop("token_type_ids", None)
+        kwargs.pop("mm_token_type_ids", None)  # an optional processor output the model does not need
         if kwargs:
             raise TypeError(f"unexpected argument(s) {sorted(kwargs)} to {type(self).__name__}.forward")
         if (input_ids is None) == (inputs_embeds is None):
@@ -233,14 +246,15 @@ class LlavaOnevisionModel(nn.Module):
         image_features = video_features = None
         if pixel_values is not None:
             # the placeholder aspect ratio always comes from config, like the reference (SPEC §8.12)
-            image_features = torch.cat(self.get_image_features(
-                pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy,
-                batch_num_images=batch_num_images), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            per_image = self.get_image_features(pixel_values, image_sizes, vision_feature_layer,
+                                                vision_feature_select_strategy,
+                                                batch_num_images=batch_num_images).pooler_output
+            image_features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         if pixel_values_videos is not None:
             video_features = self.get_video_features(pixel_values_videos, vision_feature_layer,
-                                                     vision_feature_select_strategy)
+                                                     vision_feature_select_strategy).pooler_output
             flat = video_features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
             _, mask = self.get_placeholder_mask(input_ids, inputs_embeds, video_features=flat)
             inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
@@ -251,13 +265,16 @@ class LlavaOnevisionModel(nn.Module):
         if past_key_values is not None and not isinstance(past_key_values, KVCache):
             raise TypeError(f"past_key_values must be a onevision KVCache (from a previous output), got "
                             f"{type(past_key_values).__name__}")
+        # a cache that is passed in is read and extended even with use_cache=False, like the reference
         hidden, all_hidden, attentions = self.language_model(
-            inputs_embeds, attention_mask, position_ids, past_key_values if use_cache else None,
-            bool(output_hidden_states), bool(output_attentions))
-        return ModelOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
+            inputs_embeds, attention_mask, position_ids, past_key_values, bool(output_hidden_states),
+            bool(output_attentions))
+        return ModelOutput(last_hidden_state=hidden, past_key_values=past_key_values,
                            hidden_states=tuple(all_hidden) if all_hidden else None,
                            attentions=tuple(attentions) if attentions else None,
-                           image_hidden_states=image_features, video_hidden_states=video_features)
+                           image_hidden_states=image_features, video_hidden_states=video_features,
+                           image_outputs=None if image_features is None else ModelOutput(pooler_output=per_image),
+                           video_outputs=None if video_features is None else ModelOutput(pooler_output=video_features))
 
 
 class LlavaOnevisionForConditionalGeneration(nn.Module):
@@ -268,10 +285,9 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         self.config = config
         self.model = LlavaOnevisionModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.tie_weights()
         self.set_attn_implementation(attn_implementation or "sdpa")
-        self.generation_config = None
+        self.generation_config = _default_generation_config(config)
 
     # -- properties of the transformers API --------------------------------------------------------------
     @property
@@ -307,11 +323,32 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             if hasattr(module, "impl"):
                 module.impl = name
 
-    def get_image_features(self, *args, **kwargs) -> list[torch.Tensor]:
+    def get_image_features(self, *args, **kwargs) -> ModelOutput:
         return self.model.get_image_features(*args, **kwargs)
 
-    def get_video_features(self, *args, **kwargs) -> torch.Tensor:
+    def get_video_features(self, *args, **kwargs) -> ModelOutput:
         return self.model.get_video_features(*args, **kwargs)
+
+    # -- small conveniences of the transformers API ------------------------------------------------------
+    main_input_name = "input_ids"
+
+    def get_decoder(self) -> Qwen2Model:
+        return self.model.language_model
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.language_model.embed_tokens = value
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def can_generate(self) -> bool:
+        return True
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        return sum(p.numel() for p in params.values())
 
     def pack_image_features(self, *args, **kwargs):
         return self.model.pack_image_features(*args, **kwargs)
@@ -326,21 +363,21 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, output_attentions=None,
                 cache=None, **kwargs) -> ModelOutput:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("mm_token_type_ids", None)  # an optional processor output the model does not need
+        ignore_index, shift_labels = kwargs.pop("ignore_index", -100), kwargs.pop("shift_labels", None)
+        return_dict = kwargs.pop("return_dict", True)
         out = self.model(input_ids, pixel_values, image_sizes, pixel_values_videos, image_sizes_videos, attention_mask,
                          position_ids, past_key_values, inputs_embeds, vision_feature_layer,
                          vision_feature_select_strategy, vision_aspect_ratio, batch_num_images, use_cache,
                          output_hidden_states, output_attentions, cache, **kwargs)
-        hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
-        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions,
-                           image_hidden_states=out.image_hidden_states, video_hidden_states=out.video_hidden_states)
+        logits = self.lm_head(keep_positions(out.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, ignore_index, shift_labels)
+        result = ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                             hidden_states=out.hidden_states, attentions=out.attentions,
+                             image_hidden_states=out.image_hidden_states, video_hidden_states=out.video_hidden_states,
+                             image_outputs=out.image_outputs, video_outputs=out.video_outputs)
+        return result if return_dict else result.to_tuple()
 
     # -- loading / saving ---------------------------------------------------------------------------------
     @classmethod
@@ -381,8 +418,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         finally:
             if set_tensor is not None:  # the quantizer may still be packing the last weights
                 set_tensor.finish()
-        if tied:
-            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        model.tie_weights()
         rotary = model.model.language_model.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq(device)
         model.config.dtype = str(dtype).removeprefix("torch.")
@@ -422,12 +458,27 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         return stream(self, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross entropy in float32; -100 labels are ignored (the reference's ForCausalLMLoss)."""
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions to project onto the vocabulary (the reference's slice_logits_to_keep): an int keeps the
+    last k (0 = all); a 1-D tensor picks positions; a 2-D int tensor picks per row; a 2-D bool mask flattens."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep != 0 else hidden
+    if logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    return hidden[:, logits_to_keep]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross entropy in float32; ignore_index labels are ignored (the reference's ForCausalLMLoss)."""
     logits = logits.float()
-    labels = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
+    if shift_labels is None:
+        shift_labels = F.pad(labels.to(logits.device), (0, 1), value=ignore_index)[:, 1:]
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+    loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.to(logits.device).flatten(),
+                           ignore_index=ignore_index, reduction=reduction)
     return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
@@ -443,8 +494,15 @@ def _parse_size(size: int | str) -> int:
 
 
 def _load_generation_config(folder: str, config: LlavaOnevisionConfig):
-    try:
-        from onevision.generation.generate import GenerationConfig
-    except ImportError:  # generation not built yet
-        return None
+    from onevision.generation.generate import GenerationConfig
+
     return GenerationConfig.from_model_folder(folder, config)
+
+
+def _default_generation_config(config: LlavaOnevisionConfig):
+    """What a model built from a config generates with: the text config's special ids, like the reference."""
+    from onevision.generation.generate import GenerationConfig
+
+    text = config.text_config
+    return GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                            pad_token_id=text.pad_token_id)

@@ -98,6 +98,9 @@ class SiglipVisionTower(nn.Module):
                 output_attentions: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """pixel_values (N, 3, H, W) -> (hidden states at `layers` (all when None), attention weights or None)."""
         n_layers = len(self.encoder.layers)
+        if layers is not None and any(not -(n_layers + 1) <= i <= n_layers for i in layers):
+            raise ValueError(f"vision_feature_layer {layers} is out of range: the tower has {n_layers + 1} hidden "
+                             f"states (indices {-(n_layers + 1)} to {n_layers})")
         wanted = list(range(n_layers + 1)) if layers is None else [i % (n_layers + 1) for i in layers]
         last = n_layers if output_attentions else max(wanted)
         x = self.embeddings(pixel_values)
