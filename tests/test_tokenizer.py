@@ -117,3 +117,30 @@ def test_bad_arguments(ours):
         ours(["a"], padding=True, padding_side="middle")
     with pytest.raises(ProcessingError, match="text must be"):
         ours([1, 2])
+
+
+def test_tokenizer_apply_chat_template_matches_reference():
+    import json
+
+    import torch
+
+    from transformers import AutoTokenizer
+
+    from onevision import AutoProcessor
+
+    ref = AutoTokenizer.from_pretrained(HUB_PROCESSOR)
+    ours = AutoProcessor.from_pretrained(HUB_PROCESSOR).tokenizer
+    template = json.loads((HUB_PROCESSOR / "chat_template.json").read_text())["chat_template"]
+    chat = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Hi there 你好"}]}]
+    for kwargs in (dict(tokenize=False), dict(), dict(return_dict=False), dict(add_generation_prompt=True),
+                   dict(return_tensors="pt", add_generation_prompt=True)):
+        a = ref.apply_chat_template(chat, chat_template=template, **kwargs)
+        b = ours.apply_chat_template(chat, chat_template=template, **kwargs)
+        if isinstance(a, (str, list)):
+            assert a == b
+        else:
+            assert set(a) == set(b) and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert ours.special_tokens_map == ref.special_tokens_map
+    empty = AutoProcessor.from_pretrained(HUB_PROCESSOR)(text="", return_tensors="pt")
+    assert empty["input_ids"].dtype == torch.long and empty["attention_mask"].dtype == torch.long

@@ -39,7 +39,9 @@ def _to_tensor(key: str, value: Any, kind: str | None) -> Any:
                     "use the same number of frames for every video (num_frames=...) or return_tensors=None")
             return torch.stack(items)
         try:
-            return torch.tensor(value)
+            tensor = torch.tensor(value)
+            # token ids and masks of empty texts are still integers (torch.tensor([[]]) would be float)
+            return tensor.long() if tensor.numel() == 0 and key in _INTEGER_KEYS else tensor
         except (ValueError, TypeError) as e:
             raise ProcessingError(f"cannot make a tensor of {key!r} (ragged lists need padding=True): {e}") from None
     if isinstance(value, torch.Tensor):
@@ -48,6 +50,10 @@ def _to_tensor(key: str, value: Any, kind: str | None) -> Any:
         return np.array([np.asarray(v) for v in value] if isinstance(value, (list, tuple)) else value)
     except ValueError as e:
         raise ProcessingError(f"cannot make an array of {key!r} (ragged lists need padding=True): {e}") from None
+
+
+_INTEGER_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "assistant_masks",
+                 "special_tokens_mask", "length", "offset_mapping")
 
 
 class BatchFeature(UserDict):

@@ -136,10 +136,31 @@ class Qwen2TokenizerFast:
 
     @property
     def special_tokens_map(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None}
-        if self.additional_special_tokens:
-            out["additional_special_tokens"] = list(self.additional_special_tokens)
-        return out
+        """The named special tokens only (transformers 5 leaves the additional ones out of this map)."""
+        return {k: getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None}
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = True,
+                            continue_final_message: bool = False, **kwargs):
+        """Text-only chat templating like transformers 5's tokenizer method (tokenize=True and return_dict=True by
+        default, as there).
+        Media in a conversation need the processor's apply_chat_template."""
+        from onevision.processing.chat_template import render_chat
+        from onevision.processing.processor import normalize_conversation
+
+        template = chat_template or self.chat_template
+        if not isinstance(template, str):
+            raise ProcessingError("this tokenizer has no chat template; pass chat_template=... or use the processor")
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
+            isinstance(conversation[0], (list, tuple))
+        prompts = [render_chat(normalize_conversation(c), template, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **self.special_tokens_map)[0]
+                   for c in (conversation if batched else [conversation])]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        encoded = self(prompts if batched else prompts[0], return_tensors=return_tensors, add_special_tokens=False,
+                       **kwargs)
+        return encoded if return_dict else encoded["input_ids"]
 
     @property
     def all_special_tokens(self) -> list[str]:
