@@ -25,20 +25,21 @@ def checkpoint(kind: str, cache: Path, dtype: torch.dtype) -> Path:
     return add_tiny_processor(build_reference(folder, layout="hub"))
 
 
-def rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS:")
 
 
 def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM:")
 
 
 def reset_peak() -> None:
