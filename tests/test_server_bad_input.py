@@ -280,6 +280,16 @@ def test_degenerate_but_valid_images_are_answered(server, size, mode):
     assert r.status_code == 200, r.text
 
 
+def test_huge_text_is_refused_before_tokenizing(server):
+    """Text that cannot fit the context even at 64 characters a token is refused without tokenizing it."""
+    import time
+
+    start = time.monotonic()
+    error = _check(_post(server, _base(messages=[{"role": "user", "content": "ab " * 300_000}])), 400,
+                   "invalid_request_error", "messages", "context_length_exceeded")
+    assert "characters" in error["message"] and time.monotonic() - start < 10
+
+
 def test_tiny_temperature_is_greedy_not_an_overflow(server):
     """Like vLLM, 0 < temperature < 1e-5 decodes greedily (logits / 1e-40 would overflow to inf)."""
     tiny, zero = _post(server, _base(temperature=1e-40)), _post(server, _base(temperature=0))

@@ -144,3 +144,15 @@ def test_tokenizer_apply_chat_template_matches_reference():
     assert ours.special_tokens_map == ref.special_tokens_map
     empty = AutoProcessor.from_pretrained(HUB_PROCESSOR)(text="", return_tensors="pt")
     assert empty["input_ids"].dtype == torch.long and empty["attention_mask"].dtype == torch.long
+
+
+def test_decode_of_a_batch_like_reference():
+    import torch
+    from transformers import AutoTokenizer
+
+    from onevision import AutoProcessor
+
+    ref, ours = AutoTokenizer.from_pretrained(HUB_PROCESSOR), AutoProcessor.from_pretrained(HUB_PROCESSOR).tokenizer
+    for ids in ([[1, 2], [3]], torch.tensor([[9707, 1879]]), [9707, 151645]):
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)

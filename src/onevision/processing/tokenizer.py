@@ -246,11 +246,13 @@ class Qwen2TokenizerFast:
 
     # ---------------------------------------------------------------- decoding
     def decode(self, token_ids, skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool | None = None, **unused) -> str:
+               clean_up_tokenization_spaces: bool | None = None, **unused) -> str | list[str]:
         if hasattr(token_ids, "tolist"):
             token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
             token_ids = [token_ids]
+        if token_ids and isinstance(token_ids[0], (list, tuple)):  # a batch, as transformers 5 accepts
+            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in token_ids]
         text = self._tokenizer.decode([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces

@@ -25,6 +25,9 @@ def _text_parts(message) -> list[tuple[str, str]]:
     return [(f"content[{j}].text", p.text) for j, p in enumerate(message.content or []) if p.type == "text"]
 
 
+MAX_CHARS_PER_TOKEN = 64  # Qwen2 BPE tokens of real text are far shorter; only whitespace runs come close
+
+
 def check_request(body: ChatCompletionRequest, state) -> None:
     """Everything that can be refused without touching media or the model."""
     config = state.config
@@ -47,9 +50,11 @@ def check_request(body: ChatCompletionRequest, state) -> None:
                              code="invalid_value")
     images = videos = 0
     has_content = False
+    characters = 0
     for i, message in enumerate(body.messages):
         for suffix, text in _text_parts(message):
             has_content = has_content or bool(text.strip())
+            characters += len(text)
             for token in state.placeholders:
                 if token in text:
                     raise InvalidRequest(
@@ -76,6 +81,11 @@ def check_request(body: ChatCompletionRequest, state) -> None:
     if not has_content:
         raise InvalidRequest("the messages have no content (no text, images or videos)", param="messages",
                              code="empty_messages")
+    if characters > MAX_CHARS_PER_TOKEN * state.context:  # cheap refusal before an expensive tokenization
+        raise InvalidRequest(
+            f"the messages hold {characters} characters: more than the model's context of {state.context} tokens "
+            f"can take (a token covers at most ~{MAX_CHARS_PER_TOKEN} characters); shorten the messages",
+            param="messages", code="context_length_exceeded")
 
 
 def prepare(body: ChatCompletionRequest, state):
