@@ -176,29 +176,32 @@ def load_checkpoint(model: nn.Module, folder: str, dtype: torch.dtype | None, de
         for file in checkpoint_files(folder):
             with open_checkpoint(file) as handle:
                 pending: collections.deque = collections.deque()
-                for raw in handle.keys():
-                    if raw.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    name = to_model_key(raw)
-                    if name in skip and name not in expected:
-                        continue
-                    target = expected.get(name)
-                    if target is None:
-                        unexpected.append(raw)
-                        continue
-                    if name in seen:
-                        raise CheckpointError(f"tensor {name!r} appears twice (as {seen[name]!r} and {raw!r} in {file})")
-                    seen[name] = raw
-                    shape = tuple(handle.get_slice(raw).get_shape())
-                    if shape != tuple(target.shape):
-                        raise CheckpointError(f"tensor {raw!r} in {file} has shape {shape}, but the model expects "
-                                              f"{tuple(target.shape)} for {name!r}. The checkpoint does not match "
-                                              "its config.json.")
-                    pending.append((name, pool.submit(read, handle, raw, file)))
-                    if len(pending) > 8:
+                try:
+                    for raw in handle.keys():
+                        if raw.endswith(_IGNORED_SUFFIXES):
+                            continue
+                        name = to_model_key(raw)
+                        if name in skip and name not in expected:
+                            continue
+                        target = expected.get(name)
+                        if target is None:
+                            unexpected.append(raw)
+                            continue
+                        if name in seen:
+                            raise CheckpointError(f"tensor {name!r} appears twice (as {seen[name]!r} and {raw!r} in {file})")
+                        seen[name] = raw
+                        shape = tuple(handle.get_slice(raw).get_shape())
+                        if shape != tuple(target.shape):
+                            raise CheckpointError(f"tensor {raw!r} in {file} has shape {shape}, but the model expects "
+                                                  f"{tuple(target.shape)} for {name!r}. The checkpoint does not match "
+                                                  "its config.json.")
+                        pending.append((name, pool.submit(read, handle, raw, file)))
+                        if len(pending) > 8:
+                            assign(pending.popleft())
+                    while pending:
                         assign(pending.popleft())
-                while pending:  # the file closes after this block
-                    assign(pending.popleft())
+                finally:  # no read may outlive the open file, also when a check above raises
+                    concurrent.futures.wait([future for _, future in pending])
     missing = sorted(set(expected) - set(seen))
     if unexpected or missing:
         raise CheckpointError(
