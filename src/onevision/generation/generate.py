@@ -59,13 +59,16 @@ class GenerationConfig:
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod
-    def from_model_folder(cls, folder: str, config: Any) -> GenerationConfig:
-        path = os.path.join(folder, GENERATION_CONFIG)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
+    def from_model_config(cls, config: Any) -> GenerationConfig:
+        """What a model without generation_config.json generates with: the text config's special ids."""
         text = config.text_config
         return cls(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+
+    @classmethod
+    def from_model_folder(cls, folder: str, config: Any) -> GenerationConfig:
+        if os.path.isfile(os.path.join(folder, GENERATION_CONFIG)):
+            return cls.from_pretrained(folder)
+        return cls.from_model_config(config)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> GenerationConfig:
@@ -298,6 +301,19 @@ def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         logits = out.logits[:, -1].float()
 
 
+def _pop_model_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the media and vision options for the model out of generate()'s kwargs; drop what it does not need."""
+    media = {k: kwargs.pop(k) for k in list(kwargs)
+             if k in MEDIA_KEYS or k in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")}
+    kwargs.pop("mm_token_type_ids", None)  # a processor output the model does not need
+    for name in _OFF_BY_DEFAULT:  # transformers arguments accepted at their "off" value only
+        if name in kwargs:
+            if kwargs[name]:
+                raise ValueError(f"generate({name}=...) is not supported by onevision; leave it unset")
+            del kwargs[name]
+    return media
+
+
 def generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
              streamer=None, tokenizer=None, seed: int | None = None, generator: torch.Generator | None = None,
              input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -306,16 +322,7 @@ def generate(model, inputs: torch.Tensor | None = None, generation_config: Gener
     input_ids = inputs if input_ids is None else input_ids
     if input_ids is None:
         raise ValueError("generate() needs input_ids (e.g. model.generate(**processor(...)))")
-    media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
-    kwargs.pop("mm_token_type_ids", None)  # a processor output the model does not need
-    for name in _OFF_BY_DEFAULT:  # transformers arguments accepted at their "off" value only
-        if name in kwargs:
-            if kwargs[name]:
-                raise ValueError(f"generate({name}=...) is not supported by onevision; leave it unset")
-            del kwargs[name]
-    for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
-        if key in kwargs:
-            media[key] = kwargs.pop(key)
+    media = _pop_model_inputs(kwargs)
     plan = _plan(model, input_ids, generation_config, tokenizer, seed, generator, kwargs)
     if streamer is not None:
         if input_ids.shape[0] * plan.cfg.num_return_sequences != 1:
@@ -343,7 +350,7 @@ def stream(model, processor=None, tokenizer=None, skip_special_tokens: bool = Tr
     if input_ids is None or input_ids.shape[0] != 1:
         raise ValueError("stream() follows one sequence: pass input_ids of batch size 1")
     attention_mask = kwargs.pop("attention_mask", None)
-    media = {k: kwargs.pop(k) for k in list(kwargs) if k in MEDIA_KEYS}
+    media = _pop_model_inputs(kwargs)
     seed, generator = kwargs.pop("seed", None), kwargs.pop("generator", None)
     plan = _plan(model, input_ids, kwargs.pop("generation_config", None), tokenizer, seed, generator, kwargs)
     if plan.cfg.num_return_sequences != 1:

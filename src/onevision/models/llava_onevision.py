@@ -17,6 +17,7 @@ from torch import nn
 from onevision import geometry
 from onevision.config import LlavaOnevisionConfig
 from onevision.generation.cache import KVCache
+from onevision.generation.generate import GenerationConfig
 from onevision.models import attention
 from onevision.models.outputs import ModelOutput
 from onevision.models.qwen2 import Qwen2Model
@@ -264,7 +265,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.tie_weights()
         self.set_attn_implementation(attn_implementation or "sdpa")
-        self.generation_config = _default_generation_config(config)
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     # -- properties of the transformers API --------------------------------------------------------------
     @property
@@ -399,7 +400,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         rotary = model.model.language_model.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq(device)
         model.config.dtype = str(dtype).removeprefix("torch.")
-        model.generation_config = _load_generation_config(folder, config)
+        model.generation_config = GenerationConfig.from_model_folder(folder, config)
         model.name_or_path = str(path_or_repo_id)
         return model.eval()
 
@@ -468,18 +469,3 @@ def _parse_size(size: int | str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
-
-
-def _load_generation_config(folder: str, config: LlavaOnevisionConfig):
-    from onevision.generation.generate import GenerationConfig
-
-    return GenerationConfig.from_model_folder(folder, config)
-
-
-def _default_generation_config(config: LlavaOnevisionConfig):
-    """What a model built from a config generates with: the text config's special ids, like the reference."""
-    from onevision.generation.generate import GenerationConfig
-
-    text = config.text_config
-    return GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
-                            pad_token_id=text.pad_token_id)

@@ -17,6 +17,15 @@ class ProcessingError(ValueError):
     """The input can't be processed (wrong count of placeholders, unreadable media, unsupported content...)."""
 
 
+def merged_options(processor: Any, keys: tuple[str, ...], overrides: dict[str, Any], accepted: set[str],
+                   kind: str) -> dict[str, Any]:
+    """The processor's settings with the call's non-None overrides; unknown options are an error."""
+    unknown = set(overrides) - set(keys) - accepted
+    if unknown:
+        raise ProcessingError(f"unknown {kind} processing option(s) {sorted(unknown)}; known: {list(keys)}")
+    return {k: overrides[k] if overrides.get(k) is not None else getattr(processor, k) for k in keys}
+
+
 def _to_tensor(key: str, value: Any, kind: str | None) -> Any:
     """Convert one output value to "pt"/"np" (None: leave as is)."""
     if kind is None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from onevision.geometry import padding_for_patching, resize_for_patching, select_best_resolution
-from onevision.processing import BatchFeature, ProcessingError
+from onevision.processing import BatchFeature, ProcessingError, merged_options
 from onevision.processing.media import load_image
 
 DEFAULT_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
@@ -129,11 +129,8 @@ class _ImageProcessorBase:
 
     def preprocess(self, images, return_tensors: str | None = None, **overrides) -> BatchFeature:
         """images (one, flat list or nested per-sample lists) -> pixel_values, image_sizes, batch_num_images."""
-        unknown = set(overrides) - set(_CONFIG_KEYS) - {"max_pixels", "device", "disable_grouping",
-                                                          "input_data_format", "data_format"}
-        if unknown:
-            raise ProcessingError(f"unknown image processing option(s) {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
-        cfg = {k: overrides[k] if overrides.get(k) is not None else getattr(self, k) for k in _CONFIG_KEYS}
+        cfg = merged_options(self, _CONFIG_KEYS, overrides, {"max_pixels", "device", "disable_grouping",
+                                                             "input_data_format", "data_format"}, "image")
         flat, batch_num_images = split_batch(images)
         need_patching = [n == 1 for n in batch_num_images for _ in range(n)]
         size = cfg["size"]

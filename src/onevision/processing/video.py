@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from onevision.processing import BatchFeature, ProcessingError
+from onevision.processing import BatchFeature, ProcessingError, merged_options
 from onevision.processing.image import CLIP_MEAN, CLIP_STD, LlavaOnevisionImageProcessor, channels_first
 from onevision.processing.media import load_image, load_video, sample_indices
 
@@ -112,11 +112,8 @@ class LlavaOnevisionVideoProcessor:
         return self.preprocess(videos, **kwargs)
 
     def preprocess(self, videos, return_tensors: str | None = None, **overrides) -> BatchFeature:
-        unknown = set(overrides) - set(_CONFIG_KEYS) - {"device", "video_metadata", "return_metadata",
-                                                          "input_data_format", "data_format"}
-        if unknown:
-            raise ProcessingError(f"unknown video processing option(s) {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
-        cfg = {k: overrides[k] if overrides.get(k) is not None else getattr(self, k) for k in _CONFIG_KEYS}
+        cfg = merged_options(self, _CONFIG_KEYS, overrides, {"device", "video_metadata", "return_metadata",
+                                                             "input_data_format", "data_format"}, "video")
         sample = bool(cfg["do_sample_frames"])
         if sample and cfg["num_frames"] is not None and cfg["fps"] is not None:
             raise ProcessingError("num_frames and fps are mutually exclusive; pass only one")
