@@ -9,6 +9,11 @@ PY=${PYTHON:-python3}
 # torch 2.14.1 / torchvision 0.29.1 are the versions the reference was measured with (SPEC.md).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[test]"
+# the web page test drives Debian's Chromium through Playwright (no browser download)
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi
 .venv/bin/python -m pytest -m "not slow" -q "$@"
 if [ "${ONEVISION_SKIP_SLOW:-0}" != "1" ]; then
   .venv/bin/python -m pytest -m slow -q "$@"

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="completion limit when a request sets none (default 1024, capped by the context)")
     serve.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish (default 30)")
+    serve.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -278,7 +279,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,
                           max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                          default_max_tokens=args.default_max_tokens, max_queue=args.max_queue)
+                          default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
+                          web=not args.no_web)
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 

@@ -45,6 +45,7 @@ class ServerConfig:
     max_queue: int = 64
     workers: int = 1
     media_threads: int = 4
+    web: bool = True  # the chat page at GET / (server/web/)
 
 
 # --------------------------------------------------------------------------- ASGI middleware
@@ -274,6 +275,10 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
             return chat.SSEResponse(job, chat.sse_events(job, meta, n, copies, prompt_tokens, include_usage))
         return await chat.complete(job, request, meta, n, copies, prompt_tokens)
 
+    if config.web:
+        from onevision.server.web import add_routes
+
+        add_routes(app)
     return app
 
 
