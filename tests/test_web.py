@@ -4,6 +4,7 @@ the server is blocked and recorded. Screenshot: $ONEVISION_ARTIFACTS (default te
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -205,3 +206,23 @@ def test_no_web_gives_404(ckpt, server):
         for path in ("/", "/web/app.js", "/web/style.css"):
             reply = httpx.get(bare.url + path)
             assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+
+
+def test_paste_an_image_and_drop_a_video(page):
+    from _server_helpers import image_bytes, video_bytes
+
+    page.page.evaluate("""([image, video]) => {
+        const file = (b64, name, type) => new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, {type});
+        const pasted = new DataTransfer();
+        pasted.items.add(file(image, "cat.jpg", "image/jpeg"));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true}));
+        const dropped = new DataTransfer();
+        dropped.items.add(file(video, "clip.mp4", "video/mp4"));
+        document.querySelector("[data-role=log]").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped, bubbles: true}));
+    }""", [base64.b64encode(image_bytes()).decode(), base64.b64encode(video_bytes()).decode()])
+    page.page.wait_for_function("document.querySelectorAll('#pending figure').length === 2")
+    page.settings(max_tokens=4)
+    page.ask("What happens?")
+    page.answer(0)
+    assert page.page.locator('[data-role="assistant"] .error').count() == 0
+    assert page.page.locator(".msg.user img").count() == 1 and page.page.locator(".msg.user video").count() == 1
