@@ -287,7 +287,7 @@ def warn_if_slow_dtype(dtype: torch.dtype, device: torch.device) -> None:
 def cuda_unavailable_message(asked: str, instead: str) -> str:
     """Why CUDA cannot be used here and what to do (`asked`: what the user passed; `instead`: the CPU spelling)."""
     if torch.version.cuda:  # a CUDA build without a usable GPU/driver: installing CUDA would not help
-        why = (f"this PyTorch is a CUDA {torch.version.cuda} build but sees no GPU "
+        why = (f"this PyTorch (a CUDA {torch.version.cuda} build) sees no GPU "
                "(no NVIDIA GPU, driver or CUDA_VISIBLE_DEVICES?)")
         return f"{asked} asks for CUDA, but {why}. Use {instead}."
     return (f"{asked} asks for CUDA, but this PyTorch is a CPU-only build. Use {instead}, "
