@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch 2.14.1 / torchvision 0.29.1 are the versions the reference was measured with (SPEC.md).
+# torch 2.14.1 / torchvision 0.29.1 are the versions the reference (transformers 5.24) was measured with.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[test]"
 # the web page test drives Debian's Chromium through Playwright (no browser download)

@@ -11,6 +11,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # transformers' Auto idioms
+    "AutoConfig": "onevision.auto",
+    "AutoTokenizer": "onevision.auto",
+    "AutoImageProcessor": "onevision.auto",
+    "AutoModelForImageTextToText": "onevision.auto",
     # configs
     "LlavaOnevisionConfig": "onevision.config",
     "SiglipVisionConfig": "onevision.config",

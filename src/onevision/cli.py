@@ -82,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=_nonneg_int, default=None)
     chat.add_argument("--repetition-penalty", type=float, default=None)
     chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
+    chat.add_argument("--verbose", action="store_true",
+                      help="after each answer print 'N tokens, X tok/s, TTFT Y s' on stderr (like ollama run --verbose)")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model as given, e.g. the folder path)")
     serve.add_argument("--api-key", default=os.environ.get("ONEVISION_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $ONEVISION_API_KEY, else no key)")
     serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish (default 30)")
     serve.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
+    serve.add_argument("--docs", action="store_true",
+                       help="serve the interactive API page at /docs (assets served locally, works offline)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -125,6 +129,10 @@ def load(args: argparse.Namespace):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        from onevision.loading import cuda_unavailable_message
+
+        raise CLIError(cuda_unavailable_message(f"--device {device}", "--device cpu (or leave --device out)"))
     _status(f"Loading {args.model} ({device}, dtype {args.dtype}) ...")
     start = time.monotonic()
     hub = {"revision": args.revision} if args.revision else {}
@@ -206,29 +214,112 @@ HELP = """commands:
   /exit                quit (also Ctrl-D)"""
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    for path in args.video:  # fail before the (slow) model load
-        if not os.path.isfile(path):
-            raise CLIError(f"video not found: {path}")
+def _load_media(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The --image/--video media, decoded before the (slow) model load so a bad file is reported at once."""
+    from onevision.processing.media import load_image, load_video
+
+    media: list[tuple[str, Any]] = []
     for source in args.image:
         if not source.startswith(("http://", "https://", "data:")) and not os.path.isfile(source):
             raise CLIError(f"image not found: {source}")
+        media.append(("image", load_image(source)))
+    for path in args.video:
+        if not os.path.isfile(path):
+            raise CLIError(f"video not found: {path}")
+        media.append(("video", load_video(path, num_frames=args.num_frames)[0]))
+    return media
+
+
+class _Progress:
+    """Wraps the answer's output stream: a spinner on stderr (a terminal only, like ollama) until the first text
+    arrives, then timing figures for --verbose. The answer's text goes to `out` unchanged."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out, label: str):
+        import threading
+
+        self.out, self.label = out, label
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.pieces = 0  # streamed text pieces: one per generated token except where a character spans tokens
+        self._done = threading.Event()
+        self._shown = False
+        self._thread = threading.Thread(target=self._spin, daemon=True) if sys.stderr.isatty() else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _spin(self) -> None:
+        frame = 0
+        while not self._done.is_set():
+            elapsed = time.monotonic() - self.start
+            sys.stderr.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.label} ({elapsed:.0f} s)")
+            sys.stderr.flush()
+            self._shown, frame = True, frame + 1
+            self._done.wait(0.1)
+
+    def stop(self) -> None:
+        """Stop the spinner and erase its line (before the first text, or on an interrupt)."""
+        if self._thread is not None and not self._done.is_set():
+            self._done.set()
+            self._thread.join()
+            if self._shown:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+
+    def write(self, text: str) -> int:
+        if text and text != "\n":
+            self.pieces += 1
+        if self.first is None and text:
+            self.first = time.monotonic()
+            self.stop()
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def summary(self, tokens: int) -> str:
+        """`N tokens, X tok/s, TTFT Y s` (rate over the tokens after the first, like ollama's eval rate; N counts
+        streamed pieces, so a character spanning several tokens counts once)."""
+        end = time.monotonic()
+        first = self.first if self.first is not None else end
+        rate = (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
+        return f"{tokens} tokens, {rate:.1f} tok/s, TTFT {first - self.start:.2f} s"
+
+
+def _ask(session: ChatSession, prompt: str) -> None:
+    """One answer with progress; Ctrl-C stops it (KeyboardInterrupt reaches the caller after the line is cleaned)."""
+    kinds = [kind for kind, _ in session.pending]
+    label = f"encoding {len(kinds)} {'media item' if len(kinds) == 1 else 'media items'} and reading the prompt" \
+        if kinds else "reading the prompt"
+    progress = _Progress(sys.stdout, label)
+    try:
+        session.ask(prompt, progress)
+    finally:
+        progress.stop()
+    if session.args.verbose:
+        _status(progress.summary(progress.pieces))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    media = _load_media(args)
     model, processor = load(args)
     session = ChatSession(model, processor, args)
-    for source in args.image:
-        session.add_image(source)
-    for source in args.video:
-        session.add_video(source)
+    session.pending.extend(media)
     if args.prompt is not None:
-        session.ask(args.prompt)
+        _ask(session, args.prompt)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        _status("Interactive chat. /help for commands, Ctrl-D to quit.")
+        _status("Interactive chat. /help for commands; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C here) quits.")
     while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            if interactive:
+                print(">>> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits (during an answer it only stops the answer)
+            _status("")
+            return 0
         if not line:
             return 0
         line = line.strip()
@@ -245,7 +336,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 elif command == "/clear":
                     session.clear()
                     _status("(new conversation)")
-                elif command in ("/image", "/video") and rest:
+                elif command in ("/image", "/video") and not rest:
+                    what = "PATH_OR_URL" if command == "/image" else "PATH"
+                    _status(f"usage: {command} {what}  (attaches the {command[1:]} to your next message), "
+                            f"e.g. {command} {'examples/cat.jpg' if command == '/image' else 'clip.mp4'}")
+                elif command in ("/image", "/video"):
                     (session.add_image if command == "/image" else session.add_video)(rest)
                     _status(f"({command[1:]} attached to your next message)")
                 else:
@@ -254,7 +349,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 _status(f"error: {_one_line(e)}")
             continue
         try:
-            session.ask(line)
+            _ask(session, line)
+        except KeyboardInterrupt:  # the answer stops; model, history and attached media are kept, the cut turn is not
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            _status("(answer interrupted; not added to the conversation)")
         except ValueError as e:  # e.g. the conversation outgrew the context: say so and keep the session
             _status(f"error: {_one_line(e)}")
 
@@ -280,7 +379,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
-                          web=not args.no_web)
+                          web=not args.no_web, docs=args.docs)
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 

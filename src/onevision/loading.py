@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -78,7 +79,7 @@ def resolve_files(path_or_repo_id: str | os.PathLike, patterns: Iterable[str], *
     except Exception as e:  # network down, offline mode, unknown repo, gated repo ...
         raise OSError(
             f"Could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "If you are offline, download the model once elsewhere (e.g. `huggingface-cli download "
+            "If you are offline, download the model once elsewhere (e.g. `hf download "
             f"{repo_id}`) and pass the local folder path instead of the repo id.") from e
 
 
@@ -258,9 +259,39 @@ def resolve_device(device_map: str | int | torch.device | dict | None) -> torch.
         raise ValueError(f"device_map must be 'auto', 'cpu', 'cuda', 'cuda:N', an int or a torch.device, "
                          f"got {device_map!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} asks for CUDA, but torch.cuda.is_available() is False. "
-                         "Use device_map='cpu' or install a CUDA build of PyTorch.")
+        raise ValueError(cuda_unavailable_message(f"device_map={device_map!r}", "device_map='cpu'"))
     return device
+
+
+_log = logging.getLogger("onevision")
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log `message` as a warning the first time it is seen in this process (transformers' warning_once)."""
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning(message)
+
+
+def warn_if_slow_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """One warning when a model is loaded in float16 on a CPU without fast float16 arithmetic."""
+    from onevision import cpu
+
+    if dtype == torch.float16 and device.type == "cpu" and cpu.fp16_is_slow():
+        warn_once("Loading in float16 on a CPU without fast float16 arithmetic: prefill and generation are several "
+                  "times slower than in float32. Use dtype=torch.bfloat16 if the CPU has avx512_bf16/AMX, else "
+                  "dtype=torch.float32 (see the README's 'CPU and GPU' section).")
+
+
+def cuda_unavailable_message(asked: str, instead: str) -> str:
+    """Why CUDA cannot be used here and what to do (`asked`: what the user passed; `instead`: the CPU spelling)."""
+    if torch.version.cuda:  # a CUDA build without a usable GPU/driver: installing CUDA would not help
+        why = (f"this PyTorch (a CUDA {torch.version.cuda} build) sees no GPU "
+               "(no NVIDIA GPU, driver or CUDA_VISIBLE_DEVICES?)")
+        return f"{asked} asks for CUDA, but {why}. Use {instead}."
+    return (f"{asked} asks for CUDA, but this PyTorch is a CPU-only build. Use {instead}, "
+            "or install a CUDA build of PyTorch on a machine with an NVIDIA GPU.")
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], folder: str, max_shard_size: int = 5 * 1024**3) -> None:

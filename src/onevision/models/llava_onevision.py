@@ -375,8 +375,14 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             attn_implementation = "flash_attention_2"
         folder = loading.resolve_files(path_or_repo_id, ["*.json", "*.safetensors", "*.jinja", "*.txt"], **hub)
         config = LlavaOnevisionConfig.from_pretrained(folder)
-        dtype = loading.resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config.dtype, folder)
+        if torch_dtype is not None:
+            loading.warn_once("`torch_dtype` is deprecated! Use `dtype` instead!")  # transformers 5's wording
+            dtype = torch_dtype
+        asked_fp16 = dtype in (torch.float16, "float16")
+        dtype = loading.resolve_dtype(dtype, config.dtype, folder)
         device = loading.resolve_device(device_map)
+        if asked_fp16:  # "auto" on an fp16 checkpoint is left alone: the CLI upcasts it on CPU itself
+            loading.warn_if_slow_dtype(dtype, device)
         with loading.empty_init():
             model = cls(config, attn_implementation=attn_implementation)
         set_tensor = None

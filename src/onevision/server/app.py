@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onevision.server import chat
 from onevision.server.engine import Engine
-from onevision.server.errors import APIError, AuthError, InvalidRequest, NotFound, PayloadTooLarge
+from onevision.server.docs import add_docs
+from onevision.server.errors import APIError, AuthError, InvalidRequest, NotFound, PayloadTooLarge, unknown_model
 from onevision.server.media import MediaLimits, RemoteFetcher
 from onevision.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
 
@@ -43,6 +44,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     default_max_tokens: int = 1024
     max_queue: int = 64
+    docs: bool = False  # /docs (Swagger UI, assets served locally); off by default like a production server
     workers: int = 1
     media_threads: int = 4
     web: bool = True  # the chat page at GET / (server/web/)
@@ -201,7 +203,10 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
         state.pool.shutdown(wait=False, cancel_futures=True)
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)}
-    app = FastAPI(title="onevision", version=_version(), lifespan=lifespan, responses=errors)
+    app = FastAPI(title="onevision", version=_version(), lifespan=lifespan, responses=errors, docs_url=None,
+                  redoc_url=None)
+    if config.docs:
+        add_docs(app)
     app.state.server = state
     app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
 
@@ -248,7 +253,7 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def model_card(model_id: str):
         if model_id != config.model_name:
-            raise NotFound(f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+            raise unknown_model(model_id, [config.model_name])
         return ModelCard(id=config.model_name, created=state.created, max_model_len=state.context)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
@@ -256,7 +261,7 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         request_id = request.scope.get("state", {}).get("request_id", f"req-{uuid.uuid4().hex[:16]}")
         if body.model != config.model_name:
-            raise NotFound(f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+            raise unknown_model(body.model, [config.model_name])
         chat.check_request(body, state)
         slot = state.engine.acquire()
         try:

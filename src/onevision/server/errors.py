@@ -74,5 +74,12 @@ class ContextLengthExceeded(InvalidRequest):
             extra={"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "max_context": context})
 
 
+def unknown_model(asked: str, served: list[str]) -> NotFound:
+    """404 for a model id this server does not serve, naming the id(s) it does."""
+    names = ", ".join(f"`{name}`" for name in served)
+    return NotFound(f"The model `{asked}` does not exist. This server serves {names} (see GET /v1/models; set the "
+                    "name with `onevision serve --served-model-name NAME`).", param="model", code="model_not_found")
+
+
 __all__ = ["APIError", "AuthError", "ContextLengthExceeded", "Internal", "InvalidRequest", "NotFound", "Overloaded",
-           "PayloadTooLarge"]
+           "PayloadTooLarge", "unknown_model"]
