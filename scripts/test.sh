@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch 2.14.1 / torchvision 0.29.1 are the versions the reference was measured with (SPEC.md).
+# torch 2.14.1 / torchvision 0.29.1 are the versions the reference was measured with (../shared/docs/SPEC.md, outside this repo).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pytest -m "not slow" -q "$@"
+.venv/bin/python -m pytest -m "not slow" -q --durations=15 "$@"
 if [ "${ONEVISION_SKIP_SLOW:-0}" != "1" ]; then
-  .venv/bin/python -m pytest -m slow -q "$@"
+  .venv/bin/python -m pytest -m slow -q --durations=15 "$@"
 fi
