@@ -14,7 +14,7 @@ if [ ! -x /usr/bin/chromium ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
 fi
-.venv/bin/python -m pytest -m "not slow" -q "$@"
+.venv/bin/python -m pytest -m "not slow" -q --durations=15 "$@"
 if [ "${ONEVISION_SKIP_SLOW:-0}" != "1" ]; then
-  .venv/bin/python -m pytest -m slow -q "$@"
+  .venv/bin/python -m pytest -m slow -q --durations=15 "$@"
 fi

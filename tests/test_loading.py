@@ -6,12 +6,15 @@ Every checkpoint is written by transformers; parity is checked against transform
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import build_reference
 from onevision import LlavaOnevisionForConditionalGeneration as Ours
@@ -128,7 +131,8 @@ def test_hub_id_offline_error_says_what_to_do(monkeypatch, tmp_path):
 
 
 def test_device_map_and_attention_options(tiny_ckpt):
-    assert Ours.from_pretrained(tiny_ckpt, device_map="auto").device.type in ("cpu", "cuda", "mps")
+    want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert Ours.from_pretrained(tiny_ckpt, device_map="auto").device.type == want
     assert Ours.from_pretrained(tiny_ckpt, device_map=torch.device("cpu")).device.type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
@@ -160,3 +164,43 @@ def test_base_model_matches_reference_base_model(tiny_ckpt):
     inputs = make_inputs(sizes=[(140, 100)], frames=1)
     with torch.no_grad():
         close(ours(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=0.0)
+
+
+class _InlinePool(concurrent.futures.Executor):
+    """Runs each read on the calling thread, so a dispatch mode there sees every tensor the load creates."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def submit(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+class _AllocatedBytes(TorchDispatchMode):
+    """Sums the storage bytes of every fresh (non-view) tensor an aten op returns off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t._base is None and not func.is_view:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_no_parameter_is_copied_after_it_is_read(tiny_ckpt, monkeypatch, dtype):
+    """Measured: the tensors a load allocates beyond those read from the file (a cast to `dtype` is the one
+    allowed copy) stay far below the weights' bytes, so no parameter is materialised twice."""
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", _InlinePool)
+    with _AllocatedBytes() as seen:
+        model = Ours.from_pretrained(tiny_ckpt, dtype=dtype)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    read = sum(f.stat().st_size for f in Path(tiny_ckpt).glob("*.safetensors"))  # each tensor read once
+    allowed = read + (weights if dtype is not None else 0)  # float32 file -> bf16: one cast per tensor
+    assert seen.bytes <= allowed, f"the load allocated {seen.bytes} bytes; one read (+ one cast) is {allowed}"

@@ -10,6 +10,7 @@ import torch
 
 from conftest import build_reference_05b
 from onevision import geometry
+from onevision.config import DEFAULT_PINPOINTS
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def ckpt(tmp_path_factory):
 
 
 def inputs_with_image(size=(384, 576), text=(12, 9), seed=0):
-    pinpoints = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+    pinpoints = DEFAULT_PINPOINTS
     gen = torch.Generator().manual_seed(seed)
     n_tokens = geometry.num_image_tokens(size, pinpoints)
     n_patches = geometry.num_anyres_patches(size, pinpoints, 384)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 CONFIG_NAME = "config.json"
 
-_DEFAULT_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+DEFAULT_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 
 
 class _Config:
@@ -246,7 +246,7 @@ class LlavaOnevisionConfig(_Config):
     def __post_init__(self) -> None:
         self.dtype = _pop_dtype(self.extra, self.dtype)
         if self.image_grid_pinpoints is None:
-            self.image_grid_pinpoints = copy.deepcopy(_DEFAULT_PINPOINTS)
+            self.image_grid_pinpoints = copy.deepcopy(DEFAULT_PINPOINTS)
         if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
         if self.vision_feature_select_strategy not in ("default", "full"):

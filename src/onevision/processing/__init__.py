@@ -6,11 +6,18 @@ processors return (`.to(device, dtype)` casts floating tensors only, like transf
 
 from __future__ import annotations
 
+import json
 from collections import UserDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when the file is absent (optional config files)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 class ProcessingError(ValueError):

@@ -149,4 +149,42 @@ def render_chat(messages: list[dict], template: str, add_generation_prompt: bool
     return prompt, spans
 
 
-__all__ = ["compile_template", "plain_data", "render_chat", "template_variables"]
+def normalize_conversation(conversation) -> list[dict]:
+    """Copy of the messages: None-valued keys dropped, string content -> one text item, OpenAI image_url -> image,
+    unsupported content types rejected."""
+    if not isinstance(conversation, (list, tuple)):
+        raise ProcessingError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
+    messages = []
+    for message in conversation:
+        if hasattr(message, "model_dump"):
+            message = message.model_dump()
+        if not isinstance(message, dict):
+            raise ProcessingError(f"each message must be a dict with 'role' and 'content', got {message!r}")
+        message = {k: v for k, v in message.items() if v is not None}
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = [{"type": "text", "text": content}]
+        elif isinstance(content, (list, tuple)):
+            items = []
+            for item in content:
+                if not isinstance(item, dict) or "type" not in item:
+                    raise ProcessingError(f"each content item must be a dict with a 'type', got {item!r}")
+                if item["type"] == "image_url":
+                    url = item.get("image_url")
+                    item = {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
+                if item["type"] not in ("text", "image", "video"):
+                    raise ProcessingError(f"unsupported content type {item['type']!r}; use 'text', 'image' or "
+                                          "'video' (or OpenAI 'image_url')")
+                if item["type"] == "text" and not isinstance(item.get("text"), str):
+                    raise ProcessingError(f"a text item needs a string 'text', got {item!r}")
+                items.append(dict(item))
+            message["content"] = items
+        messages.append(message)
+    return messages
+
+
+def blocks(conversation: list[dict], kind: str) -> list[dict]:
+    return [b for m in conversation if isinstance(m.get("content"), list) for b in m["content"] if b["type"] == kind]
+
+
+__all__ = ["blocks", "compile_template", "normalize_conversation", "plain_data", "render_chat", "template_variables"]

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from onevision.config import DEFAULT_PINPOINTS
 from onevision.geometry import padding_for_patching, resize_for_patching, select_best_resolution
 from onevision.processing import BatchFeature, ProcessingError, merged_options
 from onevision.processing.media import load_image
 
-DEFAULT_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _CONFIG_KEYS = ("do_convert_rgb", "do_normalize", "do_pad", "do_rescale", "do_resize", "image_grid_pinpoints",

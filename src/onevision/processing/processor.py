@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from onevision.geometry import num_image_tokens, num_video_tokens
-from onevision.processing import BatchFeature, ProcessingError
-from onevision.processing.chat_template import render_chat, template_variables
+from onevision.processing import BatchFeature, ProcessingError, read_json
+from onevision.processing.chat_template import blocks, normalize_conversation, render_chat, template_variables
 from onevision.processing.image import (_CONFIG_KEYS as IMAGE_KEYS, LlavaOnevisionImageProcessor,
                                         LlavaOnevisionImageProcessorPil, split_batch)
 from onevision.processing.tokenizer import Qwen2TokenizerFast
@@ -34,10 +34,6 @@ TEXT_KEYS = ("add_special_tokens", "padding", "truncation", "max_length", "paddi
 IMAGE_ONLY_KEYS = ("max_pixels", "input_data_format")
 PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "video_processor/*", "additional_chat_templates/*"]
 _MEDIA_KEYS = {"image": ("image", "url", "path", "base64"), "video": ("video", "url", "path")}
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _count_error(kind: str, token: str, in_text: int, passed: int) -> ProcessingError:
@@ -73,7 +69,7 @@ class LlavaOnevisionProcessor:
         folder = Path(path)
         if not folder.is_dir():
             return AutoProcessor.from_pretrained(path, backend=backend, **kwargs)
-        config = _read_json(folder / "processor_config.json")
+        config = read_json(folder / "processor_config.json")
         image_cls = LlavaOnevisionImageProcessorPil if backend == "pil" else LlavaOnevisionImageProcessor
         if backend not in (None, "pil", "torchvision"):
             raise ProcessingError(f"backend must be 'torchvision' (default) or 'pil', got {backend!r}")
@@ -81,7 +77,7 @@ class LlavaOnevisionProcessor:
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         elif (folder / "chat_template.json").is_file():
-            template = _read_json(folder / "chat_template.json").get("chat_template")
+            template = read_json(folder / "chat_template.json").get("chat_template")
         else:
             template = config.get("chat_template")
         settings = {k: config[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "image_token",
@@ -301,44 +297,6 @@ class LlavaOnevisionProcessor:
                 f"vision_feature_select_strategy={self.vision_feature_select_strategy!r})")
 
 
-def normalize_conversation(conversation) -> list[dict]:
-    """Copy of the messages: None-valued keys dropped, string content -> one text item, OpenAI image_url -> image,
-    unsupported content types rejected."""
-    if not isinstance(conversation, (list, tuple)):
-        raise ProcessingError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
-    messages = []
-    for message in conversation:
-        if hasattr(message, "model_dump"):
-            message = message.model_dump()
-        if not isinstance(message, dict):
-            raise ProcessingError(f"each message must be a dict with 'role' and 'content', got {message!r}")
-        message = {k: v for k, v in message.items() if v is not None}
-        content = message.get("content")
-        if isinstance(content, str):
-            message["content"] = [{"type": "text", "text": content}]
-        elif isinstance(content, (list, tuple)):
-            items = []
-            for item in content:
-                if not isinstance(item, dict) or "type" not in item:
-                    raise ProcessingError(f"each content item must be a dict with a 'type', got {item!r}")
-                if item["type"] == "image_url":
-                    url = item.get("image_url")
-                    item = {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
-                if item["type"] not in ("text", "image", "video"):
-                    raise ProcessingError(f"unsupported content type {item['type']!r}; use 'text', 'image' or "
-                                          "'video' (or OpenAI 'image_url')")
-                if item["type"] == "text" and not isinstance(item.get("text"), str):
-                    raise ProcessingError(f"a text item needs a string 'text', got {item!r}")
-                items.append(dict(item))
-            message["content"] = items
-        messages.append(message)
-    return messages
-
-
-def blocks(conversation: list[dict], kind: str) -> list[dict]:
-    return [b for m in conversation if isinstance(m.get("content"), list) for b in m["content"] if b["type"] == kind]
-
-
 def assistant_masks(offsets: list, spans: list, shifts: list) -> list[list[int]]:
     """1 for every token overlapping a {% generation %} span (spans shifted past expanded placeholders)."""
     masks = []
@@ -375,4 +333,4 @@ class AutoProcessor:
         return LlavaOnevisionProcessor.from_pretrained(folder, backend=backend, **kwargs)
 
 
-__all__ = ["AutoProcessor", "LlavaOnevisionProcessor", "assistant_masks", "normalize_conversation"]
+__all__ = ["AutoProcessor", "LlavaOnevisionProcessor", "assistant_masks"]

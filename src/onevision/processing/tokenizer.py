@@ -14,15 +14,11 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from onevision.processing import BatchFeature, ProcessingError
+from onevision.processing import BatchFeature, ProcessingError, read_json
 
 _SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
@@ -82,7 +78,7 @@ class Qwen2TokenizerFast:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Qwen2TokenizerFast:
         folder = Path(path)
-        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        config = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
         config.update(overrides)
         added = [(int(i), t["content"]) for i, t in (config.get("added_tokens_decoder") or {}).items()]
         if (folder / "tokenizer.json").is_file():
@@ -145,8 +141,7 @@ class Qwen2TokenizerFast:
         """Text-only chat templating like transformers 5's tokenizer method (tokenize=True and return_dict=True by
         default, as there).
         Media in a conversation need the processor's apply_chat_template."""
-        from onevision.processing.chat_template import render_chat
-        from onevision.processing.processor import normalize_conversation
+        from onevision.processing.chat_template import normalize_conversation, render_chat
 
         template = chat_template or self.chat_template
         if not isinstance(template, str):
