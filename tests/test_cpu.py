@@ -134,3 +134,37 @@ def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckp
     ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=config))
     assert isinstance(ours.model.language_model.layers[0].mlp.up_proj, cpu.Int4Linear)
     assert dist(ours, fp32_logits) <= dist(ref, fp32_logits) + 1e-6
+
+
+def test_fp16_reference_parity_holds_when_the_cpu_lacks_fp16(tiny_ckpt, monkeypatch):
+    # the existing fp16 parity test (test_loading) passes compute="reference": it must stay bit-identical on CPUs
+    # where "auto" would take the fp32-compute path
+    import test_loading
+
+    monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
+    test_loading.test_half_precision_short_input(tiny_ckpt)
+
+
+def test_cli_quantize_flag_builds_torchao_configs():
+    from onevision.cli import build_parser
+    from onevision.quantization import torchao_config_for
+
+    for command in ("chat", "serve"):
+        assert build_parser().parse_args([command, "--quantize", "int4"]).quantize == "int4"
+    assert type(torchao_config_for("int8").quant_type).__name__ == "Int8WeightOnlyConfig"
+    with pytest.raises(ValueError, match="must be one of"):
+        torchao_config_for("int3")
+
+
+def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt):
+    # the serving engine decodes several sequences per step through the same Linear modules
+    from onevision import TorchAoConfig
+
+    model = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    a, b = ids(2)[:, :5], ids(3)
+    batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), a], 1), b])
+    mask = torch.cat([torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1), torch.ones(1, 12)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False)
+    together = model.generate(input_ids=batch, attention_mask=mask, **kw, pad_token_id=0)[:, -6:]
+    alone = torch.cat([model.generate(input_ids=x, **kw)[:, -6:] for x in (a, b)])
+    assert torch.equal(together, alone)
