@@ -390,6 +390,9 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         cpu.fp16_compute_dtype(cpu.probe(), compute)  # validates `compute` before the checkpoint is read
         torchao = quantization_config is not None and quantization.is_torchao_config(quantization_config)
         if torchao:
+            if device.type != "cpu":
+                raise ValueError(f"TorchAoConfig weight-only int8/int4 runs onevision's packed CPU kernels; got "
+                                 f"device_map={device_map!r}. Load with device_map='cpu', or use BitsAndBytesConfig on GPU")
             quantization.import_torchao()
         elif quantization_config is not None:
             set_tensor = quantization.prepare_quantized_loading(model, quantization_config, dtype, device)
