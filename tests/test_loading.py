@@ -30,7 +30,8 @@ def reference(folder, **kw):
 
 def assert_same_logits(folder, inputs=None, dtype=torch.float32, atol=1e-5, **ref_kw):
     inputs = inputs or make_inputs(sizes=[(300, 500)], frames=1)
-    ours, ref = Ours.from_pretrained(folder, dtype=dtype), reference(folder, dtype=dtype, **ref_kw)
+    # compute="reference": transformers' own fp16 numerics even on a CPU without fp16 arithmetic (onevision/cpu.py)
+    ours, ref = Ours.from_pretrained(folder, dtype=dtype, compute="reference"), reference(folder, dtype=dtype, **ref_kw)
     if dtype != torch.float32:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():

@@ -24,6 +24,7 @@ _EXPORTS = {
     "LlavaOnevisionModel": "onevision.models.llava_onevision",
     "LlavaOnevisionForConditionalGeneration": "onevision.models.llava_onevision",
     "BitsAndBytesConfig": "onevision.quantization",
+    "TorchAoConfig": "onevision.quantization",
     # processing
     "AutoProcessor": "onevision.processing.processor",
     "LlavaOnevisionProcessor": "onevision.processing.processor",

@@ -58,6 +58,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's; float16 checkpoints run in float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only int8/int4 (torchao's configs, packed CPU kernels; bf16 activations; needs "
+                        "torchao: pip install 'onevision[cpu]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,8 +139,14 @@ def load(args: argparse.Namespace):
     _status(f"Loading {args.model} ({device}, dtype {args.dtype}) ...")
     start = time.monotonic()
     hub = {"revision": args.revision} if args.revision else {}
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device_map=device,
-                                                                   **hub)
+    quant = {}
+    if getattr(args, "quantize", None):  # int8/int4 kernels take bf16 activations: bf16 unless --dtype says otherwise
+        from onevision.quantization import torchao_config_for
+
+        quant = {"quantization_config": torchao_config_for(args.quantize)}
+    dtype = "bfloat16" if quant and args.dtype == "auto" else args.dtype
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.model, dtype=dtype, device_map=device,
+                                                                   **hub, **quant)
     if args.dtype == "auto" and model.device.type == "cpu" and model.dtype == torch.float16:
         model = model.float()  # float16 matmuls are slow (or missing) on CPUs; pass --dtype float16 to keep it
     processor = AutoProcessor.from_pretrained(args.model, **hub)

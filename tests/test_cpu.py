@@ -1,0 +1,170 @@
+"""CPU compute paths (onevision/cpu.py) and torchao weight-only int8/int4, against transformers and torchao."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from onevision import cpu
+
+torchao = pytest.importorskip("torchao")
+from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
+from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig  # noqa: E402
+
+NO_FP16 = {"capability": "AVX512", "bf16": True, "fp16": False}
+FP16 = {"capability": "AVX512", "bf16": True, "fp16": True}
+
+
+def ids(seed=0):
+    return torch.randint(0, 150000, (1, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def fp32_logits(tiny_ckpt, reference_model):
+    with torch.no_grad():
+        return reference_model(input_ids=ids()).logits
+
+
+def load_ours(folder, **kw):
+    from onevision import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, **kw)
+
+
+def load_ref(folder, **kw):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, **kw).eval()
+
+
+def dist(model, reference):
+    with torch.no_grad():
+        return (model(input_ids=ids()).logits.float() - reference).abs().max().item()
+
+
+def test_probe_reports_the_running_cpu():
+    caps = cpu.probe()
+    assert caps["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert caps["fp16"] == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    assert caps["bf16"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_fp16_kernel_choice_on_both_branches(tiny_ckpt, monkeypatch):
+    assert cpu.fp16_compute_dtype(NO_FP16, "auto") == torch.float32
+    assert cpu.fp16_compute_dtype(NO_FP16, "reference") == torch.float16
+    assert cpu.fp16_compute_dtype(FP16, "auto") == torch.float16
+    with pytest.raises(ValueError, match="compute must be one of"):
+        cpu.fp16_compute_dtype(FP16, "fast")
+    for caps, expect in ((NO_FP16, cpu.Fp16ViaFloat32Linear), (FP16, nn.Linear)):
+        monkeypatch.setattr(cpu, "probe", lambda caps=caps: caps)
+        model = load_ours(tiny_ckpt, dtype=torch.float16)
+        q = model.model.language_model.layers[0].self_attn.q_proj
+        assert type(q) is expect and q.weight.dtype == torch.float16  # weights stay fp16 in memory
+
+
+def test_fp16_fast_path_is_as_close_to_fp32_as_transformers_fp16(tiny_ckpt, fp32_logits, monkeypatch):
+    monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
+    ref16 = dist(load_ref(tiny_ckpt, dtype=torch.float16), fp32_logits)
+    fast = dist(load_ours(tiny_ckpt, dtype=torch.float16), fp32_logits)
+    assert fast <= ref16, (fast, ref16)
+
+
+def test_fp16_reference_option_is_bit_identical_to_transformers(tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
+    ours, ref = load_ours(tiny_ckpt, dtype=torch.float16, compute="reference"), load_ref(tiny_ckpt, dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids()).logits, ref(input_ids=ids()).logits)
+
+
+def test_bf16_logits_and_tokens_identical_to_transformers(tiny_ckpt):
+    ours, ref = load_ours(tiny_ckpt, dtype=torch.bfloat16), load_ref(tiny_ckpt, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids()).logits, ref(input_ids=ids()).logits)
+    kw = dict(input_ids=ids(1), max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.generate(**kw), ref.generate(**kw, pad_token_id=0))
+
+
+def _torchao_layer(weight, config):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    quantize_(layer, config)
+    return layer.weight
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_packed_weights_equal_torchao_and_match_its_matmul(kind):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ours = cpu.pack_weight(w, kind, group_size=64)
+    if kind == "int8":
+        theirs = _torchao_layer(w, Int8WeightOnlyConfig())
+        assert torch.equal(ours.qdata, theirs.qdata) and torch.equal(ours.scale, theirs.scale.reshape(-1).float())
+        expect = torch.nn.functional.linear(x, theirs)  # torchao's eager path: dequantize, then matmul
+        torch.testing.assert_close(ours(x), expect, rtol=2e-2, atol=2e-2)
+    else:
+        theirs = _torchao_layer(w, PrototypeInt4WeightOnlyConfig(group_size=64))
+        assert torch.equal(ours.qdata, theirs.qdata) and torch.equal(ours.scale_and_zero, theirs.scale_and_zero)
+        assert torch.equal(ours(x), torch.nn.functional.linear(x, theirs))  # the same aten kernel
+
+
+def test_int8_logits_no_further_from_fp32_than_transformers_torchao(tiny_ckpt, fp32_logits):
+    from transformers import TorchAoConfig as RefConfig
+
+    from onevision import TorchAoConfig
+
+    ref = load_ref(tiny_ckpt, dtype=torch.bfloat16, quantization_config=RefConfig(quant_type=Int8WeightOnlyConfig()))
+    ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    assert isinstance(ours.model.language_model.layers[0].mlp.up_proj, cpu.Int8Linear)
+    r = ref.model.language_model.layers[0].mlp.up_proj.weight
+    o = ours.model.language_model.layers[0].mlp.up_proj
+    assert torch.equal(o.qdata, r.qdata) and torch.equal(o.scale, r.scale.reshape(-1).float())
+    assert dist(ours, fp32_logits) <= dist(ref, fp32_logits)
+
+
+def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckpt, fp32_logits):
+    # transformers 5.24 + torchao 0.18 cannot load Int4WeightOnlyConfig on CPU (torchao's Int4Tensor needs the
+    # mslk package); the oracle is torchao's CPU int4 config applied to transformers' bf16 model
+    from onevision import TorchAoConfig
+
+    config = PrototypeInt4WeightOnlyConfig(group_size=32)
+    ref = load_ref(tiny_ckpt, dtype=torch.bfloat16)
+    quantize_(ref, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and name != "lm_head"
+              and m.in_features % 32 == 0)
+    ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=config))
+    assert isinstance(ours.model.language_model.layers[0].mlp.up_proj, cpu.Int4Linear)
+    assert dist(ours, fp32_logits) <= dist(ref, fp32_logits) + 1e-6
+
+
+def test_fp16_reference_parity_holds_when_the_cpu_lacks_fp16(tiny_ckpt, monkeypatch):
+    # the existing fp16 parity test (test_loading) passes compute="reference": it must stay bit-identical on CPUs
+    # where "auto" would take the fp32-compute path
+    import test_loading
+
+    monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
+    test_loading.test_half_precision_short_input(tiny_ckpt)
+
+
+def test_cli_quantize_flag_builds_torchao_configs():
+    from onevision.cli import build_parser
+    from onevision.quantization import torchao_config_for
+
+    for command in ("chat", "serve"):
+        assert build_parser().parse_args([command, "--quantize", "int4"]).quantize == "int4"
+    assert type(torchao_config_for("int8").quant_type).__name__ == "Int8WeightOnlyConfig"
+    with pytest.raises(ValueError, match="must be one of"):
+        torchao_config_for("int3")
+
+
+def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt):
+    # the serving engine decodes several sequences per step through the same Linear modules
+    from onevision import TorchAoConfig
+
+    model = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    a, b = ids(2)[:, :5], ids(3)
+    batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), a], 1), b])
+    mask = torch.cat([torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1), torch.ones(1, 12)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False)
+    together = model.generate(input_ids=batch, attention_mask=mask, **kw, pad_token_id=0)[:, -6:]
+    alone = torch.cat([model.generate(input_ids=x, **kw)[:, -6:] for x in (a, b)])
+    assert torch.equal(together, alone)
