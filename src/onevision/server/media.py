@@ -114,9 +114,9 @@ class RemoteFetcher:
         try:
             host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise InvalidRequest("malformed media URL") from None
+            raise InvalidRequest("malformed media URL", code="invalid_media_url") from None
         if not host:
-            raise InvalidRequest("malformed media URL (no host)")
+            raise InvalidRequest("malformed media URL (no host)", code="invalid_media_url")
         try:
             addresses = self.resolver(host, port)
         except (OSError, UnicodeError, ValueError):
@@ -223,7 +223,15 @@ def read_local_file(url: str, allowed: str | None, max_bytes: int) -> bytes:
 
 
 def media_bytes(url: str, *, kind: str, limits: MediaLimits, fetcher: RemoteFetcher) -> bytes:
-    """Bytes behind a data:, http(s):// or file:// URL, or InvalidRequest (param is set by the caller)."""
+    """Bytes behind a data:, http(s):// or file:// URL, or InvalidRequest (param is set by the caller).
+    Every malformed URL form (bad IPv6 brackets, NUL bytes, bad ports) is a 400, never a 500."""
+    try:
+        return _media_bytes(url, kind=kind, limits=limits, fetcher=fetcher)
+    except ValueError:  # urlsplit / ipaddress / os.path errors on malformed URLs: the text is never shown
+        raise InvalidRequest("malformed media URL", code="invalid_media_url") from None
+
+
+def _media_bytes(url: str, *, kind: str, limits: MediaLimits, fetcher: RemoteFetcher) -> bytes:
     max_bytes = limits.max_image_bytes if kind == "image" else limits.max_video_bytes
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
