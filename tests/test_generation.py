@@ -218,6 +218,30 @@ def test_incremental_decoder_never_splits_characters(hf_tokenizer):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_incremental_decoder_equals_full_decode_with_bounded_work(hf_tokenizer):
+    """Random ids (byte fragments, special tokens): the pieces join to transformers' full decode, and each
+    push decodes only the ids since the last released piece (O(1) per token, not the whole sequence)."""
+    from onevision.generation.streaming import IncrementalDecoder
+
+    calls = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            calls.append(len(ids))
+            return hf_tokenizer.decode(ids, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    specials = hf_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    for trial in range(20):
+        ids = torch.randint(0, 151000, (150,), generator=g).tolist()
+        ids[::37] = [specials[trial % 2]] * len(ids[::37])
+        decoder = IncrementalDecoder(Counting(), skip_special_tokens=True)
+        calls.clear()
+        pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
+        assert "".join(pieces) == hf_tokenizer.decode(ids, skip_special_tokens=True)
+        assert max(calls) <= 8, f"a push decoded {max(calls)} ids: the window should stay a few tokens long"
+
+
 def test_generation_config_round_trip(tmp_path):
     cfg = GenerationConfig(eos_token_id=[1, 2], do_sample=True, temperature=0.5, extra={"foo": 1})
     cfg.save_pretrained(tmp_path)

@@ -246,13 +246,12 @@ def generate_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                    plan: _Plan, tokenizer=None, **media: Any) -> Iterator[torch.Tensor]:
     """Yield the (B * num_return_sequences,) next tokens step by step (finished rows get the pad id)."""
     cfg = plan.cfg
-    _check_padding(input_ids, attention_mask)
     b, prompt = input_ids.shape
     n = cfg.num_return_sequences
     if attention_mask is None:  # inferred from an explicit pad id that is not also an eos id, like the reference
         pad_given = cfg.pad_token_id is not None and cfg.pad_token_id not in cfg.eos_ids()
         attention_mask = input_ids.ne(cfg.pad_token_id).long() if pad_given else torch.ones_like(input_ids)
-        _check_padding(input_ids, attention_mask)
+    _check_padding(input_ids, attention_mask)  # once: the given mask, or the one inferred from the pad id
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     dtype = model.get_input_embeddings().weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -12,25 +12,29 @@ import torch
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into new text pieces."""
+    """Turns a growing list of token ids into new text pieces with O(1) work per token: only the window of ids
+    since the last released piece is decoded (read-offset scheme), never the whole sequence."""
 
     def __init__(self, tokenizer: Any, **decode_kwargs: Any):
         self.tokenizer, self.decode_kwargs = tokenizer, decode_kwargs
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.prefix = 0  # ids[prefix:read] were decoded already; they give the context of the next piece
+        self.read = 0
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], **self.decode_kwargs)
+        text = self.tokenizer.decode(self.ids[self.prefix:], **self.decode_kwargs)
+        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete UTF-8 sequence: wait
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], **self.decode_kwargs)
+        text = self.tokenizer.decode(self.ids[self.prefix:], **self.decode_kwargs)
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
 
 
 class TextStreamer:

@@ -16,7 +16,7 @@ from torch import nn
 
 from onevision import geometry
 from onevision.config import LlavaOnevisionConfig
-from onevision.generation.cache import KVCache
+from onevision.models.cache import KVCache
 from onevision.generation.generate import GenerationConfig
 from onevision.models import attention
 from onevision.models.outputs import ModelOutput

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onevision.config import Qwen2Config
-from onevision.generation.cache import KVCache
+from onevision.models.cache import KVCache
 from onevision.models.attention import attend
 
 
