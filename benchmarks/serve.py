@@ -92,7 +92,10 @@ class Server:
         with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=900) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    delta = json.loads(line[6:])["choices"]
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"the server sent an error: {chunk['error']}")
+                    delta = chunk["choices"]
                     if delta and delta[0]["delta"].get("content"):
                         record["times"].append(time.perf_counter())
                         record["text"] += delta[0]["delta"]["content"]

@@ -16,6 +16,13 @@ class ModelRunner:
         self.device = model.device
         self.dtype = self.compute_dtype(model)
         self.logits_hook = None  # tests: called with (sequences, logits) after every forward
+        self.varlen = None
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            try:
+                from flash_attn import flash_attn_varlen_func
+            except ImportError:
+                flash_attn_varlen_func = None
+            self.varlen = flash_attn_varlen_func
 
     @staticmethod
     def compute_dtype(model) -> torch.dtype:
@@ -54,7 +61,7 @@ class ModelRunner:
         for at, item, lo, hi in spans:
             embeds[at:at + hi - lo] = item.features[lo:hi]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
-        batch = PagedBatch(self.cache, torch.cat(slots), segments)
+        batch = PagedBatch(self.cache, torch.cat(slots), segments, self.varlen)
         hidden, _, _ = self.model.model.language_model(embeds[None], None, pos, batch)
         for seq, n in scheduled:
             seq.num_computed += n
