@@ -26,7 +26,8 @@ GENERATION_CONFIG = "generation_config.json"
 _OFF_BY_DEFAULT = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                    "output_hidden_states", "logits_processor", "stopping_criteria", "synced_gpus", "assistant_model",
                    "prefix_allowed_tokens_fn", "negative_prompt_ids")
-MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
+MEDIA_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images",
+              "image_features", "video_features")
 
 
 @dataclass
