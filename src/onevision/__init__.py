@@ -33,7 +33,7 @@ _EXPORTS = {
     "LlavaOnevisionVideoProcessor": "onevision.processing.video",
     "Qwen2TokenizerFast": "onevision.processing.tokenizer",
     # generation
-    "GenerationConfig": "onevision.generation.generate",
+    "GenerationConfig": "onevision.generation.config",
     "TextIteratorStreamer": "onevision.generation.streaming",
     "TextStreamer": "onevision.generation.streaming",
     # the engine

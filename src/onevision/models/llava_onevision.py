@@ -17,7 +17,6 @@ from torch import nn
 from onevision import geometry
 from onevision.config import LlavaOnevisionConfig
 from onevision.models.cache import KVCache
-from onevision.generation.generate import GenerationConfig
 from onevision.models import attention
 from onevision.models.outputs import ModelOutput
 from onevision.models.qwen2 import Qwen2Model
@@ -308,6 +307,8 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.tie_weights()
         self.set_attn_implementation(attn_implementation or "sdpa")
+        from onevision.generation.config import GenerationConfig  # data only; models never import generation code
+
         self.generation_config = GenerationConfig.from_model_config(config)
 
     # -- properties of the transformers API --------------------------------------------------------------
@@ -461,7 +462,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         rotary = model.model.language_model.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq(device)
         model.config.dtype = str(dtype).removeprefix("torch.")
-        model.generation_config = GenerationConfig.from_model_folder(folder, config)
+        model.generation_config = type(model.generation_config).from_model_folder(folder, config)
         model.name_or_path = str(path_or_repo_id)
         return model.eval()
 
