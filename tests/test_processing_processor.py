@@ -274,6 +274,28 @@ def test_video_processor_subfolder_layout(tmp_path):
     assert loaded.video_processor.size == {"height": 192, "width": 192}
 
 
+def test_image_and_video_processors_saved_alone_are_read_by_the_reference(processor, tmp_path):
+    """Each processor's own save_pretrained file is what transformers' Auto classes read, with the same outputs;
+    a folder with no settings at all is an error that names the files looked for."""
+    import transformers
+
+    custom = {"size": {"height": 112, "width": 112}, "image_mean": [0.5, 0.4, 0.3]}
+    image = processor.image_processor.from_dict(processor.image_processor.to_dict(), **custom)
+    video = processor.video_processor.from_dict(processor.video_processor.to_dict(), **custom)
+    image.save_pretrained(tmp_path / "image")
+    video.save_pretrained(tmp_path / "video")
+    picture, frames = random_image(300, 200), np.random.default_rng(0).integers(0, 256, (3, 40, 30, 3), np.uint8)
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path / "image")
+    assert_same_outputs(type(image).from_pretrained(tmp_path / "image")(picture, return_tensors="pt"),
+                        theirs(picture, return_tensors="pt"))
+    theirs = transformers.AutoVideoProcessor.from_pretrained(tmp_path / "video")
+    mine = type(video).from_pretrained(tmp_path / "video")
+    assert mine.size == {"height": 112, "width": 112}
+    assert_same_outputs(mine(frames, return_tensors="pt"), theirs(frames, return_tensors="pt"))
+    with pytest.raises(FileNotFoundError, match="video_preprocessor_config.json"):
+        type(video).from_pretrained(tmp_path / "image" / "missing")
+
+
 def test_offline_repo_id_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants
