@@ -148,8 +148,12 @@ def test_stop_strings_cut_the_answer(client, ckpt):
     assert streamed == text[: text.find(stop)]
 
 
-def test_min_tokens_and_streamed_n(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "min_tokens": 5,
+def test_min_tokens_and_streamed_n(server, ckpt):
+    """min_tokens is transformers' min_new_tokens (EOS banned until then); each streamed choice is its answer."""
+    messages = [{"role": "user", "content": "hi"}]
+    want, _, count = reference_answer(ckpt, _as_reference(messages), max_new_tokens=5, min_new_tokens=5)
+    assert count == 5
+    body = {"model": "tiny", "messages": messages, "max_tokens": 5, "min_tokens": 5,
             "n": 2, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": "Bearer sk-test"}, timeout=60) as r:
@@ -161,4 +165,4 @@ def test_min_tokens_and_streamed_n(server):
     for chunk in chunks:
         for choice in chunk["choices"]:
             texts[choice["index"]] += choice["delta"].get("content") or ""
-    assert texts[0] == texts[1] and texts[0]
+    assert texts == {0: want, 1: want}
