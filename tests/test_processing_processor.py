@@ -171,12 +171,16 @@ def test_video_from_url(processor, media_url):
         processor(videos=f"{media_url}/missing.mp4", text="<video>")
 
 
-def test_batch_feature_to(processor):
-    out = processor(images=random_image(64, 64), text="<image>x", return_tensors="pt")
+def test_batch_feature_to(processor, ref_processor):
+    """`.to(device, dtype)` / `.to(dtype)` cast what transformers' BatchFeature casts (floating tensors only)."""
+    image = random_image(64, 64)
+    out = processor(images=image, text="<image>x", return_tensors="pt")
+    want = ref_processor(images=image, text="<image>x", return_tensors="pt")
     assert isinstance(out, BatchFeature)
-    out = out.to("cpu", torch.float16)
-    assert out["pixel_values"].dtype == torch.float16 and out.pixel_values.dtype == torch.float16
-    assert out["input_ids"].dtype == torch.int64 and out["image_sizes"].dtype == torch.int64
+    for args in (("cpu", torch.float16), (torch.bfloat16,)):
+        got, ref = out.to(*args), want.to(*args)
+        assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in ref.items()}, args
+        assert got.pixel_values.dtype == args[-1] and got["input_ids"].dtype == torch.int64
     assert out.to(torch.float32)["pixel_values"].dtype == torch.float32
 
 
