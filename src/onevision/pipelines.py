@@ -11,7 +11,7 @@ The call forms, options and output records are those of transformers' ImageTextT
 
 Options: max_new_tokens, generate_kwargs, return_full_text, return_tensors, continue_final_message,
 skip_special_tokens, clean_up_tokenization_spaces, stop_sequence, processor_kwargs (or processor options as
-keywords). Generation options given to `pipeline(...)` apply to every call. Like transformers, the default is
+keywords), batch_size (a list of inputs runs that many at a time, each batch left-padded). Generation options given to `pipeline(...)` apply to every call. Like transformers, the default is
 max_new_tokens=256 unless the model's generation_config.json sets a length.
 
 One deliberate difference: a batch of prompts is padded on the left. transformers' pipeline pads on the
@@ -129,6 +129,10 @@ class ImageTextToTextPipeline:
         """One input -> a list of records; a list of inputs (chats, prompts, {"images", "text"} dicts) -> a list
         of such lists."""
         kwargs = {**self._call_defaults, **kwargs}
+        batch_size = kwargs.pop("batch_size", None)
+        batch_size = 1 if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
         if _is_chat(text):
@@ -137,26 +141,41 @@ class ImageTextToTextPipeline:
                                  "must be placed inside the chat message's `content`. For example, 'content': "
                                  "[{'type': 'image', 'url': 'image_url'}, {'type': 'text', 'text': 'Describe the "
                                  "image.'}]")
-            return self._run(text, kwargs)
+            return self._chats(text, kwargs, batch_size)
         if text is None and _is_chat(images):
-            return self._run(images, kwargs)
+            return self._chats(images, kwargs, batch_size)
         if images is not None and text is None and not _is_image(images):
             if isinstance(images, Mapping):  # {"images": ..., "text": ...}
                 return self._one(images, kwargs)
             raise ValueError(f"got images={type(images).__name__} and no text: pass text=... with the images, "
                              "a chat as text=[{'role': ..., 'content': [...]}], or {'images': ..., 'text': ...}")
         if images is None:
-            return [self._one(t, kwargs) for t in text] if isinstance(text, (list, tuple)) else self._one(text, kwargs)
+            return self._many(list(text), kwargs, batch_size) if isinstance(text, (list, tuple)) else \
+                self._one(text, kwargs)
         if text is None:
             raise ValueError("You must provide text for this pipeline.")
         return self._one({"images": images, "text": text}, kwargs)
 
-    def _run(self, chats: Any, kwargs: dict) -> list:
+    def _chats(self, chats: Any, kwargs: dict, batch_size: int) -> list:
         if isinstance(chats[0], Mapping):
             return self._one(_Chat(list(chats)), kwargs)
-        return [self._one(_Chat(list(c)), kwargs) for c in chats]
+        return self._many([_Chat(list(c)) for c in chats], kwargs, batch_size)
+
+    def _many(self, items: list, kwargs: dict, batch_size: int) -> list:
+        """One list of records per item; items run `batch_size` at a time in one left-padded batch, which gives
+        each item the records it gets alone."""
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prefills = {isinstance(i, _Chat) and i.messages[-1]["role"] == "assistant" for i in chunk}
+            if len(chunk) == 1 or len(prefills) > 1:  # chats that end differently can't share one template call
+                out.extend(self._one(item, kwargs) for item in chunk)
+            else:
+                out.extend(self._one(chunk, kwargs))
+        return out
 
     def _one(self, item: Any, kwargs: dict) -> list:
+        """Records for one input; for a list of inputs (a batch from _many), one list of records per input."""
         unknown_call = {k: v for k, v in kwargs.items() if k not in _CALL_OPTIONS}
         options = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS}
         if options.get("return_type") is not None:
@@ -164,16 +183,24 @@ class ImageTextToTextPipeline:
         inputs = self.preprocess(item, options.get("continue_final_message"),
                                  {**unknown_call, **(options.get("processor_kwargs") or {})})
         sequences = self._generate(inputs, options)
-        return self.postprocess(item, inputs["input_ids"], sequences, options)
+        if not isinstance(item, list):
+            return self.postprocess(item, inputs["input_ids"], sequences, options)
+        per_input = len(sequences) // len(item)
+        return [self.postprocess(one, inputs["input_ids"][i:i + 1], sequences[i * per_input:(i + 1) * per_input],
+                                 options) for i, one in enumerate(item)]
 
     # ---------------------------------------------------------------- steps
     def preprocess(self, item: Any, continue_final_message: bool | None, processor_kwargs: dict):
-        if isinstance(item, _Chat):
+        batch = isinstance(item, list) and not isinstance(item[0], str)  # chats batched by _many
+        if isinstance(item, _Chat) or batch:
+            chats = item if batch else [item]
             if continue_final_message is None:
-                continue_final_message = item.messages[-1]["role"] == "assistant"
+                continue_final_message = chats[0].messages[-1]["role"] == "assistant"
+            if batch:
+                processor_kwargs = {"padding": True, "padding_side": "left", **processor_kwargs}
             inputs = self.processor.apply_chat_template(
-                item.messages, continue_final_message=continue_final_message, tokenize=True, return_dict=True,
-                return_tensors="pt", add_generation_prompt=not continue_final_message,
+                [c.messages for c in chats] if batch else item.messages, continue_final_message=continue_final_message,
+                tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=not continue_final_message,
                 processor_kwargs=processor_kwargs)
         else:
             images, text = (None, item) if isinstance(item, (str, list, tuple)) else (item.get("images"), item["text"])
