@@ -143,6 +143,8 @@ def test_errors_say_what_to_do(pipes, tiny_ckpt):
         pipes[0](images=photo("cat.jpg"), text=chat()())
     with pytest.raises(ValueError, match="must have a 'role' and 'content'"):
         pipes[0](text=[{"text": "hi"}])
+    with pytest.raises(ValueError, match=r"\['do_sample'\] are generation.*generate_kwargs=\{'do_sample': True\}"):
+        pipes[0](text="Hello", do_sample=True)  # transformers' pipeline would pass it to the processor and ignore it
     with pytest.raises(ValueError, match="provide text"):
         pipes[0](images=photo("cat.jpg"))
     with pytest.raises(ValueError, match="only the 'image-text-to-text' task"):

@@ -11,8 +11,10 @@ The call forms, options and output records are those of transformers' ImageTextT
 
 Options: max_new_tokens, generate_kwargs, return_full_text, return_tensors, continue_final_message,
 skip_special_tokens, clean_up_tokenization_spaces, stop_sequence, processor_kwargs (or processor options as
-keywords), batch_size (a list of inputs runs that many at a time, each batch left-padded). Generation options given to `pipeline(...)` apply to every call. Like transformers, the default is
-max_new_tokens=256 unless the model's generation_config.json sets a length.
+keywords), batch_size (a list of inputs runs that many at a time, each batch left-padded). Generation options
+given to `pipeline(...)` apply to every call; given to a call, they go in generate_kwargs (a generation setting
+passed directly is an error: transformers' pipeline hands it to the processor, which ignores it). Like
+transformers, the default is max_new_tokens=256 unless the model's generation_config.json sets a length.
 
 One deliberate difference: a batch of prompts is padded on the left. transformers' pipeline pads on the
 tokenizer's side (right for this model), warns, and generates from the padding; onevision's generate refuses
@@ -89,8 +91,11 @@ def _is_image(value: Any) -> bool:
 
 
 def _check_chat(messages: Any) -> list:
-    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-        raise ValueError("When passing chat dicts as input, each dict must have a 'role' and 'content' key.")
+    for m in messages:
+        if not (isinstance(m, Mapping) and "role" in m and "content" in m):
+            got = sorted(m) if isinstance(m, Mapping) else type(m).__name__
+            raise ValueError(f"When passing chat dicts as input, each dict must have a 'role' and 'content' key "
+                             f"(got {got}), e.g. {{'role': 'user', 'content': [{{'type': 'text', 'text': 'Hi'}}]}}")
     return messages
 
 
@@ -112,8 +117,8 @@ class ImageTextToTextPipeline:
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
-        generation_keys = {f for f in GenerationConfig.__dataclass_fields__ if f != "extra"}
-        self._generate_kwargs = {k: defaults.pop(k) for k in list(defaults) if k in generation_keys}
+        self._generation_keys = {f for f in GenerationConfig.__dataclass_fields__ if f != "extra"}
+        self._generate_kwargs = {k: defaults.pop(k) for k in list(defaults) if k in self._generation_keys}
         self._call_defaults = defaults
 
     @property
@@ -180,6 +185,11 @@ class ImageTextToTextPipeline:
         options = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS}
         if options.get("return_type") is not None:
             raise ValueError("return_type is not supported; use return_full_text=True/False or return_tensors=True")
+        misplaced = sorted(set(unknown_call) & self._generation_keys - {"max_new_tokens"})
+        if misplaced:  # transformers' pipeline hands these to the processor, which ignores them
+            example = ", ".join(f"{k!r}: {unknown_call[k]!r}" for k in misplaced)
+            raise ValueError(f"{misplaced} are generation settings, which a pipeline call does not take directly: "
+                             f"pass generate_kwargs={{{example}}}, or give them to pipeline(...) for every call")
         inputs = self.preprocess(item, options.get("continue_final_message"),
                                  {**unknown_call, **(options.get("processor_kwargs") or {})})
         sequences = self._generate(inputs, options)
