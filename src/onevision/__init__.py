@@ -16,6 +16,8 @@ _EXPORTS = {
     "AutoTokenizer": "onevision.auto",
     "AutoImageProcessor": "onevision.auto",
     "AutoModelForImageTextToText": "onevision.auto",
+    "pipeline": "onevision.pipelines",
+    "ImageTextToTextPipeline": "onevision.pipelines",
     # configs
     "LlavaOnevisionConfig": "onevision.config",
     "SiglipVisionConfig": "onevision.config",
