@@ -106,14 +106,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "auto", device: str = "cpu",
-                        quantize: str | None = None, **config: Any) -> Engine:
+                        quantize: str | None = None, processor: Any = None, **config: Any) -> Engine:
+        """Load a checkpoint folder or hub id (quantize: "int8" / "int4" weight-only, CPU) and its processor."""
         from onevision import AutoProcessor, LlavaOnevisionForConditionalGeneration, quantization
 
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
         if quantize:
             kwargs["quantization_config"] = quantization.torchao_config_for(quantize)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, **kwargs)
-        return cls(model, AutoProcessor.from_pretrained(path), EngineConfig(**config))
+        return cls(model, processor or AutoProcessor.from_pretrained(path), EngineConfig(**config))
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, inputs: Any, params: SamplingParams | None = None) -> str:
