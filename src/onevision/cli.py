@@ -116,7 +116,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--docs", action="store_true",
                        help="serve the interactive API page at /docs (assets served locally, works offline)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _serve_limits(serve)
     return parser
+
+
+def _serve_limits(serve: argparse.ArgumentParser) -> None:
+    """The server's resource limits (server/http.py, server/media.py); every refusal names the option."""
+    from onevision.server.media import MediaLimits
+
+    m = MediaLimits()
+    g = serve.add_argument_group("limits (each refusal names the option that sets it)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names the server answers to, '*' for any (default: localhost, "
+                        "127.0.0.1, ::1 and --host; any name when --api-key is set); guards against DNS rebinding")
+    g.add_argument("--max-request-pixels", type=_positive_int, default=m.max_request_pixels,
+                   help="decoded media pixels one request may hold at once, checked from the headers before "
+                        f"decoding (default {m.max_request_pixels:,})")
+    g.add_argument("--max-server-pixels", type=_positive_int, default=m.max_server_pixels,
+                   help="decoded media pixels in flight over all requests; more wait, then get 503 "
+                        f"(default {m.max_server_pixels:,})")
+    g.add_argument("--max-video-seconds", type=_positive_float, default=m.max_video_seconds,
+                   help=f"longest video, from the container (default {m.max_video_seconds:g})")
+    g.add_argument("--max-video-frames", type=_positive_int, default=m.max_video_frames,
+                   help=f"most frames in a video's container (default {m.max_video_frames:,})")
+    g.add_argument("--max-video-frame-pixels", type=_positive_int, default=m.max_video_frame_pixels,
+                   help=f"largest video frame width*height (default {m.max_video_frame_pixels:,}: 3840x2160)")
+    g.add_argument("--fetch-timeout", type=_positive_float, default=m.image_fetch_timeout,
+                   help="wall-clock seconds for a remote image fetch, connect to last byte (default "
+                        f"{m.image_fetch_timeout:g}; videos get {m.video_fetch_timeout / m.image_fetch_timeout:g}x)")
+    g.add_argument("--max-concurrent-fetches", type=_positive_int, default=m.max_concurrent_fetches,
+                   help=f"remote media fetches at once; more get 503 (default {m.max_concurrent_fetches})")
+    g.add_argument("--max-connections", type=_positive_int, default=None,
+                   help="open HTTP connections; more get 503 and are closed (default: 256, or half the open-file "
+                        "limit if that is lower)")
+    g.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a connection has to send a request head; idle connections close (default 10)")
+    g.add_argument("--body-timeout", type=_positive_float, default=60.0,
+                   help="seconds to receive a request body; slower gets 408 (default 60)")
+    g.add_argument("--max-json-elements", type=_positive_int, default=200_000,
+                   help="JSON values in a request body; more gets 413 (default 200,000)")
 
 
 def _status(message: str) -> None:
@@ -372,7 +410,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from onevision.server.app import ServerConfig, create_app
+        from onevision.server.app import ServerConfig, create_app, server_options
         from onevision.server.media import MediaLimits
     except ImportError as e:
         raise CLIError(f"the server needs extra packages ({e.name} is missing): pip install 'onevision[server]'"
@@ -381,14 +419,28 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+    from onevision.server.http import bind_socket, default_allowed_hosts
+
+    sock = bind_socket(args.host, args.port)  # a busy port is reported now, not after the model load
+    port = sock.getsockname()[1]
+    allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else \
+        default_allowed_hosts(args.host, args.api_key)
     model, processor = load(args)
     limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
-                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
+                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,
+                         max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
+                         max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
+                         max_video_frame_pixels=args.max_video_frame_pixels, image_fetch_timeout=args.fetch_timeout,
+                         video_fetch_timeout=args.fetch_timeout * 6,
+                         max_concurrent_fetches=args.max_concurrent_fetches)
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,
                           max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
-                          web=not args.no_web, docs=args.docs)
+                          web=not args.no_web, docs=args.docs, allowed_hosts=tuple(allowed),
+                          body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+                          max_json_elements=args.max_json_elements,
+                          max_connections=args.max_connections or _default_connections())
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 
@@ -400,11 +452,22 @@ def run_serve(args: argparse.Namespace) -> int:
             if sig == signal.SIGTERM and captured and captured[-1] == sig:
                 captured.pop()  # a drained SIGTERM is a clean exit (0), not death by signal
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
-    _status(f"Serving {config.model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)")
-    server.run()
+    server = Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False,
+                                   **server_options(config)))
+    _status(f"Serving {config.model_name!r} on http://{args.host}:{port}/v1 (Ctrl-C to stop)")
+    server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def _default_connections() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    return 256 if soft == resource.RLIM_INFINITY else max(8, min(256, soft // 2))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -183,8 +183,34 @@ def normalize_conversation(conversation) -> list[dict]:
     return messages
 
 
+def content_spans(prompt: str, conversation: list[dict], specials: list[str]) -> list[tuple[int, int]]:
+    """Where the messages' text landed in the rendered prompt, for the texts that hold a special token string:
+    [(start, end)] character spans, to be tokenized as plain text. Texts are looked up in message order (a
+    template that reorders them is searched from the start); one that can't be found raises ProcessingError,
+    so a typed special token is never silently left special."""
+    spans, cursor = [], 0
+    for message in conversation:
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for item in items:
+            text = item.get("text") if isinstance(item, dict) and item.get("type") == "text" else None
+            if not text:
+                continue
+            at = prompt.find(text, cursor)
+            if at < 0:
+                at = prompt.find(text)
+            if at >= 0:
+                cursor = at + len(text)
+                if any(token in text for token in specials):
+                    spans.append((at, at + len(text)))
+            elif any(token in text for token in specials):
+                raise ProcessingError("a message's text holds a special token and the chat template changed the "
+                                      "text, so it can't be tokenized as plain text; remove the special token")
+    return spans
+
+
 def blocks(conversation: list[dict], kind: str) -> list[dict]:
     return [b for m in conversation if isinstance(m.get("content"), list) for b in m["content"] if b["type"] == kind]
 
 
-__all__ = ["blocks", "compile_template", "normalize_conversation", "plain_data", "render_chat", "template_variables"]
+__all__ = ["blocks", "compile_template", "content_spans", "normalize_conversation", "plain_data", "render_chat", "template_variables"]

@@ -92,6 +92,7 @@ def prepare(body: ChatCompletionRequest, state):
     """[thread pool] media -> conversation -> prompt ids -> context check -> generation plan."""
     from onevision.generation.generate import _plan
     from onevision.processing import ProcessingError
+    from onevision.processing.chat_template import content_spans
 
     config = state.config
     conversation, items = [], []
@@ -116,8 +117,9 @@ def prepare(body: ChatCompletionRequest, state):
     processor = state.processor
     try:
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        spans = content_spans(prompt, conversation, state.tokenizer.special_token_strings)  # typed tokens: text
         inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None,
-                           return_tensors="pt")
+                           return_tensors="pt", plain_text_spans=[spans])
     except ProcessingError as e:
         raise InvalidRequest(f"the messages could not be processed: {e}", param="messages", code="invalid_value") from None
     prompt_tokens = int(inputs["input_ids"].shape[1])
