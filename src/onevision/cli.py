@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=_nonneg_int, default=None)
     chat.add_argument("--repetition-penalty", type=float, default=None)
     chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
+    chat.add_argument("--plain-text", action="store_true",
+                      help="tokenize what you type as plain text: '<|im_start|>' typed in a prompt stays text (by "
+                           "default it becomes the special token, as in transformers; the server always uses plain text)")
     chat.add_argument("--verbose", action="store_true",
                       help="after each answer print 'N tokens, X tok/s, TTFT Y s' on stderr (like ollama run --verbose)")
 
@@ -229,8 +232,13 @@ class ChatSession:
         videos = self.videos + [m for k, m in self.pending if k == "video"]
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        plain = {}
+        if self.args.plain_text:  # typed special tokens stay text (the server always does this)
+            from onevision.processing.chat_template import content_spans
+
+            plain["plain_text_spans"] = [content_spans(text, messages, self.processor.tokenizer.special_token_strings)]
         inputs = self.processor(text=text, images=[images] if images else None, videos=videos or None,
-                                return_tensors="pt").to(self.model.device, self.model.dtype)
+                                return_tensors="pt", **plain).to(self.model.device, self.model.dtype)
         args = self.args
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
         if args.temperature > 0:
