@@ -356,10 +356,13 @@ def _decode_image(data: bytes, probe: Probe, limits: MediaLimits):
             if image.format == "JPEG":
                 image.draft("RGB", (probe.width // probe.scale, probe.height // probe.scale))
             image.load()
-            if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            if image.mode == "1":
+                image = image.convert("L")
+            elif image.mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA" if image.has_transparency_data else "RGB")
             scale = max(1, min(image.size[0] * probe.scale // probe.width, image.size[1] * probe.scale // probe.height))
             reduced = image.reduce(scale) if scale >= 2 else image
+            del image
         transpose = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                      7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}.get(orientation)
