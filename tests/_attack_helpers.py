@@ -140,17 +140,19 @@ def blank_png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def video(frames: int, size: int = 16, gop: int = 12, rate: int = 25) -> bytes:
-    """An mp4 (mpeg4) of `frames` frames, keyframe every `gop`, moving content."""
+def video(frames: int, size: int = 16, gop: int = 12, rate: int = 25, codec: str = "mpeg4") -> bytes:
+    """An mp4 of `frames` frames, keyframe every `gop` (mpeg4 caps it at 600; libx264 doesn't), moving content."""
     import av
 
     buf = io.BytesIO()
     base = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=rate)
+        stream = container.add_stream(codec, rate=rate)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")
             for packet in stream.encode(frame):

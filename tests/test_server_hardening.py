@@ -39,8 +39,9 @@ def server(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ckpt):
-    """The real CLI server with default limits, except a lower video frame cap and a server pixel budget."""
-    with Served(ckpt, "--max-video-frames", "20000", "--max-server-pixels", "120000000") as srv:
+    """The real CLI server with default limits, except lower video caps and server pixel budget."""
+    with Served(ckpt, "--max-video-frames", "25000", "--max-video-decode-pixels", "1000000",
+                "--max-server-pixels", "120000000") as srv:
         yield srv
 
 
@@ -163,7 +164,7 @@ def test_trickling_remote_is_cut_at_the_deadline_and_ties_up_nothing(ckpt):
 
 # --------------------------------------------------------------------------- videos
 def test_long_video_is_refused_from_metadata(served):
-    """A 30k-frame video over the (lowered) 20k-frame cap: refused from the container's metadata, no decoding
+    """A 30k-frame video over the (lowered) 25k-frame cap: refused from the container's metadata, no decoding
     (main decoded it, twice: 52 s + 40 s of CPU for 600k frames)."""
     clip = data_uri(video(30_000, size=16, gop=250, rate=100), "video/mp4")  # 300 s: under the 600 s cap
     cpu = served.cpu()
@@ -171,6 +172,18 @@ def test_long_video_is_refused_from_metadata(served):
     error = response.json()["error"]
     assert response.status_code == 400 and error["code"] == "video_too_large", error
     assert "30000 frames" in error["message"] and "--max-video-frames" in error["message"]
+    assert served.cpu() - cpu < 0.5
+
+
+def test_decoding_work_is_capped_when_keyframes_are_far_apart(served):
+    """One keyframe for 20k frames: reaching the sampled frames means decoding nearly all of them; the walk stops
+    at --max-video-decode-pixels (main walked to the last sampled frame, whatever it cost)."""
+    clip = data_uri(video(20_000, size=16, gop=20_000, rate=100, codec="libx264"), "video/mp4")
+    cpu = served.cpu()
+    response = served.chat({"messages": user(part("video_url", clip))})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "video_too_large", error
+    assert "--max-video-decode-pixels" in error["message"] and "keyframes" in error["message"]
     assert served.cpu() - cpu < 0.5
 
 

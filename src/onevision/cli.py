@@ -144,6 +144,9 @@ def _serve_limits(serve: argparse.ArgumentParser) -> None:
                    help=f"most frames in a video's container (default {m.max_video_frames:,})")
     g.add_argument("--max-video-frame-pixels", type=_positive_int, default=m.max_video_frame_pixels,
                    help=f"largest video frame width*height (default {m.max_video_frame_pixels:,}: 3840x2160)")
+    g.add_argument("--max-video-decode-pixels", type=_positive_int, default=m.max_video_decode_pixels,
+                   help="pixels a video may need decoded to reach its sampled frames (keyframes far apart cost "
+                        f"more; default {m.max_video_decode_pixels:,}, about 2,000 1080p frames)")
     g.add_argument("--fetch-timeout", type=_positive_float, default=m.image_fetch_timeout,
                    help="wall-clock seconds for a remote image fetch, connect to last byte (default "
                         f"{m.image_fetch_timeout:g}; videos get {m.video_fetch_timeout / m.image_fetch_timeout:g}x)")
@@ -438,7 +441,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,
                          max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
                          max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
-                         max_video_frame_pixels=args.max_video_frame_pixels, image_fetch_timeout=args.fetch_timeout,
+                         max_video_frame_pixels=args.max_video_frame_pixels,
+                         max_video_decode_pixels=args.max_video_decode_pixels, image_fetch_timeout=args.fetch_timeout,
                          video_fetch_timeout=args.fetch_timeout * 6,
                          max_concurrent_fetches=args.max_concurrent_fetches)
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,

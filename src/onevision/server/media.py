@@ -59,6 +59,7 @@ class MediaLimits:
     max_video_seconds: float = 600.0
     max_video_frames: int = 36_000  # frames in the container (what decoding may have to walk through)
     max_video_frame_pixels: int = 3840 * 2160
+    max_video_decode_pixels: int = 4_000_000_000  # decoded to reach the sampled frames (~2,000 1080p frames)
 
 
 # --------------------------------------------------------------------------- sources
@@ -377,25 +378,34 @@ def _decode_image(data: bytes, probe: Probe, limits: MediaLimits):
 def _decode_video(data: bytes, probe: Probe, limits: MediaLimits):
     import numpy as np
 
-    from onevision.processing import ProcessingError
     from onevision.processing.media import read_frames, sample_indices
 
     try:
         with _open_video(data, probe.container, limits) as opened:
             total = probe.total
-            if total <= 0:  # no frame count in the container (webm): count, within the frame limit
-                for total, _ in enumerate(opened.decode(video=0), 1):
+            if total <= 0:  # no frame count in the container (webm): count packets (no decoding), within the limit
+                stream = opened.streams.video[0]
+                for packet in opened.demux(stream):
+                    total += packet.size > 0
                     if total > limits.max_video_frames:
                         raise InvalidRequest(f"the video has more than {limits.max_video_frames} frames "
                                              "(--max-video-frames)", code="video_too_large")
-                    if _stopped():
-                        raise ProcessingError("stopped")
                 opened.seek(0)
             if total <= 0:
                 raise InvalidRequest("the video has no frames", code="invalid_video")
             indices = sample_indices(total, min(limits.num_frames, total)).tolist()
             size = (probe.width // probe.scale, probe.height // probe.scale) if probe.scale >= 2 else None
-            frames = read_frames(opened, indices, probe.fps, size=size, should_stop=_stopped)
+            walked = [0]
+
+            def stop() -> bool:  # each decoded frame: the client still there, the decoding work within its limit
+                walked[0] += probe.width * probe.height
+                if walked[0] > limits.max_video_decode_pixels:
+                    raise InvalidRequest(
+                        f"reaching the sampled frames needs more than {limits.max_video_decode_pixels} decoded "
+                        "pixels (--max-video-decode-pixels): the video's keyframes are too far apart; re-encode it "
+                        "with more keyframes, or send a shorter or smaller video", code="video_too_large")
+                return _stopped()
+            frames = read_frames(opened, indices, probe.fps, size=size, should_stop=stop)
     except InvalidRequest:
         raise
     except Exception:  # noqa: BLE001 - FFmpeg and decoding errors: text never shown
