@@ -96,6 +96,43 @@ def test_request_and_server_pixel_limits(server, ckpt):
         assert "--max-server-pixels" in error["message"]
 
 
+def test_big_images_are_decoded_reduced_and_upright():
+    """A JPEG more than twice the processor's largest side is decoded at reduced size (DCT scaling), EXIF
+    orientation applied as the full decode does; a PNG is box-reduced right after decoding."""
+    import io
+
+    from PIL import Image
+
+    from onevision.processing.media import load_image
+    from onevision.server.media import MediaLimits, decode_image, probe_image
+
+    source = Image.new("RGB", (2400, 1200), (200, 30, 30))
+    source.paste((20, 20, 220), (0, 0, 600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the upright image is 1200 wide, 2400 high
+    buf = io.BytesIO()
+    source.save(buf, format="JPEG", exif=exif, quality=95)
+    jpeg = buf.getvalue()
+    probe = probe_image(jpeg, MediaLimits(), need=336)
+    assert probe.scale == 3 and probe.decode_pixels == probe.keep_pixels == 1200 * 600  # DCT-scaled to 1/2
+    full, reduced = load_image(jpeg), decode_image(jpeg, MediaLimits(), need=336)
+    assert full.size == (1200, 2400) and reduced.size == (600, 1200) and reduced.mode == "RGB"
+    for xy in ((300, 100), (300, 1100), (100, 600)):  # upright: the blue band is at the top, as in the full decode
+        assert all(abs(a - b) < 12 for a, b in zip(reduced.getpixel(xy), full.getpixel((2 * xy[0], 2 * xy[1]))))
+    png = io.BytesIO()
+    source.save(png, format="PNG")
+    assert decode_image(png.getvalue(), MediaLimits(), need=336).size == (800, 400)
+    assert decode_image(png.getvalue(), MediaLimits(), need=None).size == (2400, 1200)  # unknown need: full
+
+
+def test_json_elements_are_counted_outside_strings():
+    from onevision.server.http import count_json_elements
+
+    body = json.dumps({"a": "x,[{,\\", "b": ["\\\",{", 1]}).encode()  # escaped quotes and backslashes
+    assert count_json_elements(body, 100) == 4  # the { , [ , outside the strings
+    assert count_json_elements(b"[" + b"[]," * 1000 + b"[]]", 10) > 10
+
+
 # --------------------------------------------------------------------------- slow remote servers
 class _Trickle:
     """A loopback HTTP server that answers one byte every `gap` seconds for `seconds` seconds."""

@@ -228,6 +228,7 @@ class Probe:
     width: int
     height: int
     scale: int  # integer reduction applied while / right after decoding (1: full size)
+    need: int | None  # the processor's largest side (the reduction keeps both sides at or above it)
     decode_pixels: int  # held at once while decoding
     keep_pixels: int  # held after decoding, until the request's preparation ends
     container: str | None = None
@@ -280,11 +281,13 @@ def probe_image(data: bytes, limits: MediaLimits, need: int | None = None) -> Pr
         raise InvalidRequest(f"the image has {width}x{height} = {width * height} pixels; the limit is "
                              f"{limits.max_image_pixels} per image (--max-image-pixels)", code="image_too_large")
     scale = _scale(width, height, need)
-    decode = width * height
-    if jpeg and scale >= 2:  # JPEG decodes straight to 1/2, 1/4 or 1/8 size
+    decoded = (width, height)
+    if jpeg and scale >= 2:  # JPEG decodes straight to 1/2, 1/4 or 1/8 size (what Image.draft picks)
         draft = min(8, 1 << (scale.bit_length() - 1))
-        decode = -(-width // draft) * -(-height // draft)
-    return Probe("image", width, height, scale, decode, (width // scale) * (height // scale))
+        decoded = (-(-width // draft), -(-height // draft))
+    after = _scale(*decoded, need)  # then an integer box reduction
+    return Probe("image", width, height, scale, need, decoded[0] * decoded[1],
+                 (decoded[0] // after) * (decoded[1] // after))
 
 
 def _open_video(data: bytes, container: str, limits: MediaLimits):
@@ -334,7 +337,7 @@ def probe_video(data: bytes, limits: MediaLimits, need: int | None = None) -> Pr
     scale = _scale(width, height, need)
     sampled = min(limits.num_frames, total) if total else limits.num_frames
     keep = sampled * (width // scale) * (height // scale)
-    return Probe("video", width, height, scale, 4 * width * height, keep, container, total, fps)
+    return Probe("video", width, height, scale, need, 4 * width * height, keep, container, total, fps)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -361,7 +364,7 @@ def _decode_image(data: bytes, probe: Probe, limits: MediaLimits):
                 image = image.convert("L")
             elif image.mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-            scale = max(1, min(image.size[0] * probe.scale // probe.width, image.size[1] * probe.scale // probe.height))
+            scale = _scale(*image.size, probe.need)
             reduced = image.reduce(scale) if scale >= 2 else image
             del image
         transpose = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
