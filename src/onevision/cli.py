@@ -436,6 +436,9 @@ def run_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else \
         default_allowed_hosts(args.host, args.api_key)
+    if "*" not in allowed and args.host in ("0.0.0.0", "::"):
+        _status(f"note: without --api-key the server answers only to the Host names {', '.join(allowed)}; add the "
+                "names clients use with --allowed-hosts (a guard against DNS rebinding)")
     model, processor = load(args)
     limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
                          max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,

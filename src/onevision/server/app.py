@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP server: `create_app(model, processor, ServerConfig(...))` -> FastAPI app.
 
 Request path, cheap checks first, every 4xx decided before a response byte is sent:
-    API key (401) -> body size (413) -> JSON + schema (400, param = field path) -> model name (404)
+    [protocol, server/http.py] connection cap (503), request head deadline (connection closed)
+    Host header (400) -> API key (401) -> body size and read deadline (413, 408) -> JSON element count (413,
+    in a thread) -> JSON + schema (400, param = field path) -> model name (404)
     -> unsupported options, counts, placeholders typed in text (400) -> admission (503 + Retry-After)
-    -> [thread pool] fetch + decode media, chat template, tokenize, context check (400) -> [worker] generate
-Media work and generation never run on the event loop. A client that disconnects cancels its generation.
+    -> [thread pool] fetch, probe, pixel budgets, decode media (server/media.py), chat template, tokenize with
+       message text as plain text, context check (400) -> [worker] generate
+Media work and generation never run on the event loop. A client that disconnects stops its media decoding and
+cancels its generation.
 """
 
 from __future__ import annotations
