@@ -239,7 +239,9 @@ class ChatSession:
         if self.args.plain_text:  # typed special tokens stay text (the server always does this)
             from onevision.processing.chat_template import content_spans
 
-            plain["plain_text_spans"] = [content_spans(text, messages, self.processor.tokenizer.special_token_strings)]
+            render = lambda marked: self.processor.apply_chat_template(marked, add_generation_prompt=True)  # noqa: E731
+            plain["plain_text_spans"] = [content_spans(text, messages, self.processor.tokenizer.special_token_strings,
+                                                       render)]
         inputs = self.processor(text=text, images=[images] if images else None, videos=videos or None,
                                 return_tensors="pt", **plain).to(self.model.device, self.model.dtype)
         args = self.args

@@ -284,7 +284,11 @@ class LlavaOnevisionProcessor:
         if return_assistant_tokens_mask:
             processor_kwargs.update(return_offsets_mapping=True, _track_replacements=shifts)
         if plain_text_content:
-            processor_kwargs["plain_text_spans"] = [content_spans(p, c, self.tokenizer.special_token_strings)
+            def render(chat):
+                return render_chat(chat, template, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, tools=tools, documents=documents,
+                                   **template_kwargs)[0]
+            processor_kwargs["plain_text_spans"] = [content_spans(p, c, self.tokenizer.special_token_strings, render)
                                                     for p, c in zip(prompts, conversations, strict=True)]
         out = self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
                    return_tensors=return_tensors, **processor_kwargs)

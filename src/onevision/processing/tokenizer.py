@@ -150,13 +150,15 @@ class Qwen2TokenizerFast:
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         chats = [normalize_conversation(c) for c in (conversation if batched else [conversation])]
-        prompts = [render_chat(chat, template, add_generation_prompt=add_generation_prompt,
+
+        def render(chat):
+            return render_chat(chat, template, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, **self.special_tokens_map)[0]
-                   for chat in chats]
+        prompts = [render(chat) for chat in chats]
         if not tokenize:
             return prompts if batched else prompts[0]
         if plain_text_content:
-            kwargs["plain_text_spans"] = [content_spans(prompt, chat, self.special_token_strings)
+            kwargs["plain_text_spans"] = [content_spans(prompt, chat, self.special_token_strings, render)
                                           for prompt, chat in zip(prompts, chats, strict=True)]
         encoded = self(prompts if batched else prompts[0], return_tensors=return_tensors, add_special_tokens=False,
                        **kwargs)

@@ -117,7 +117,8 @@ def prepare(body: ChatCompletionRequest, state):
     processor = state.processor
     try:
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        spans = content_spans(prompt, conversation, state.tokenizer.special_token_strings)  # typed tokens: text
+        spans = content_spans(prompt, conversation, state.tokenizer.special_token_strings,  # typed tokens: text
+                              lambda marked: processor.apply_chat_template(marked, add_generation_prompt=True))
         inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None,
                            return_tensors="pt", plain_text_spans=[spans])
     except ProcessingError as e:
