@@ -438,14 +438,23 @@ def test_forced_shutdown_ends_streams_in_openai_shape(ckpt):
         body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3000,
                 "min_tokens": 3000, "stream": True}
         lines: list[str] = []
+        waiting: dict = {}  # a plain request queued behind the stream when the shutdown is forced
+        queued = threading.Thread(target=lambda: waiting.update(response=httpx.post(
+            srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)))
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
                 if line:
                     lines.append(line)
-                if len(lines) == 3:
+                if len(lines) == 2 and not queued.is_alive() and "response" not in waiting:
+                    queued.start()
+                    time.sleep(0.3)
                     srv.proc.send_signal(signal.SIGTERM)
+        queued.join(30)
         srv.proc.wait(30)
     assert lines[-1] == "data: [DONE]", lines[-3:]
     error = json.loads(lines[-2][len("data: "):])["error"]
     assert error["code"] == "shutting_down" and error["type"] == "server_error"
+    answer = waiting["response"]
+    assert answer.status_code == 503 and answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["error"]["code"] == "shutting_down"
 
