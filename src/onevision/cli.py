@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
     chat.add_argument("--plain-text", action="store_true",
                       help="tokenize what you type as plain text: '<|im_start|>' typed in a prompt stays text (by "
-                           "default it becomes the special token, as in transformers; the server always uses plain text)")
+                           "default it becomes the special token, as in transformers; the server always uses "
+                           "plain text)")
     chat.add_argument("--verbose", action="store_true",
                       help="after each answer print 'N tokens, X tok/s, TTFT Y s' on stderr (like ollama run --verbose)")
 

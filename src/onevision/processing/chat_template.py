@@ -229,4 +229,5 @@ def blocks(conversation: list[dict], kind: str) -> list[dict]:
     return [b for m in conversation if isinstance(m.get("content"), list) for b in m["content"] if b["type"] == kind]
 
 
-__all__ = ["blocks", "compile_template", "content_spans", "normalize_conversation", "plain_data", "render_chat", "template_variables"]
+__all__ = ["blocks", "compile_template", "content_spans", "normalize_conversation", "plain_data", "render_chat",
+           "template_variables"]

@@ -166,7 +166,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        reason = "is already in use (another server?)" if e.errno == errno.EADDRINUSE else f"can't be bound ({e.strerror})"
+        busy = e.errno == errno.EADDRINUSE
+        reason = "is already in use (another server?)" if busy else f"can't be bound ({e.strerror})"
         raise OSError(f"port {port} on {host} {reason}; stop the other process or choose another --port") from None
     sock.set_inheritable(True)
     return sock

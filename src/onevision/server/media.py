@@ -22,6 +22,7 @@ import binascii
 import ctypes
 import io
 import threading
+import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -146,8 +147,6 @@ class PixelBudget:
         self._cond = threading.Condition()
 
     def reserve(self, pixels: int, wait: float, stopped=None) -> None:
-        import time
-
         deadline = time.monotonic() + wait
         with self._cond:
             while self.used + pixels > self.capacity:
