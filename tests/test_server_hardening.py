@@ -200,6 +200,46 @@ def test_trickling_remote_is_cut_at_the_deadline_and_ties_up_nothing(ckpt):
         trickle.close()
 
 
+def test_media_work_stops_when_the_client_leaves(ckpt):
+    """The client gives up while the first of two remote images is still coming: the second is never fetched
+    (or decoded). main went on with all the request's media work after the client had left."""
+    import http.server
+
+    from onevision.server.media import RemoteFetcher, open_socket
+
+    asked: list[str] = []
+    png = blank_png(64, 64)
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            time.sleep(1.0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+    remote = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=remote.serve_forever, daemon=True).start()
+    fetcher = RemoteFetcher(resolver=lambda host, port: ["93.184.216.34"], opener=lambda address, port, timeout:
+                            open_socket("127.0.0.1", remote.server_address[1], timeout))
+    try:
+        with start_server(ckpt, allow_remote=True, fetcher=fetcher) as srv:
+            body = _base(messages=_user(_img("http://media.example/first.png"),
+                                        _img("http://media.example/second.png")))
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.4)
+            time.sleep(2.5)
+            assert asked == ["/first.png"]
+            assert srv.app.state.server.pixels.used == 0  # nothing left reserved
+            assert _post(srv, _base(), key=None).status_code == 200
+    finally:
+        remote.shutdown()
+        remote.server_close()
+
+
 # --------------------------------------------------------------------------- videos
 def test_long_video_is_refused_from_metadata(served):
     """A 30k-frame video over the (lowered) 25k-frame cap: refused from the container's metadata, no decoding

@@ -451,6 +451,8 @@ def load_request_media(items: list[tuple[str, str, str]], limits: MediaLimits, f
     datas, probes = [], []
     for kind, url, param in items:
         with _at(param):
+            if _stopped():  # the client left: fetch nothing more
+                raise InvalidRequest("the client disconnected", code="client_disconnected")
             data = media_bytes(url, kind=kind, limits=limits, fetcher=fetcher)
             probe = probe_image if kind == "image" else probe_video
             probes.append(probe(data, limits, sizes.get(kind)))
