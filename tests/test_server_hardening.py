@@ -76,13 +76,17 @@ def test_declared_7000px_pngs_hold_bounded_memory(served):
     assert served.rss() - rss.base < 150 * MB, f"{(served.rss() - rss.base) / MB:.0f} MB still held when idle"
 
 
-def test_pixel_limits_are_checked_from_headers_and_named(served):
-    big = data_uri(blank_png(7000, 7000))  # 49 MP each; nine of them are over the 100 MP request limit
-    with PeakRSS(served.pid) as rss:
-        response = served.chat({"messages": user(*[part("image_url", big)] * 9)})
-    assert response.status_code == 400 and response.json()["error"]["param"] in ("messages",
-                                                                                   "messages[0].content[8].image_url")
-    assert rss.grew < 200 * MB
+def test_request_pixel_limit_is_checked_from_headers_and_named(ckpt):
+    """Eight 7000x7000 PNGs need ~50 M decoded pixels at once (one decoded at full size, all kept reduced):
+    over a 40 M request limit they are refused from their headers, before any pixel is decoded."""
+    big = data_uri(blank_png(7000, 7000))
+    with Served(ckpt, "--max-request-pixels", "40000000", "--shutdown-timeout", "1") as srv, \
+            PeakRSS(srv.pid) as rss:
+        response = srv.chat({"messages": user(*[part("image_url", big)] * 8)})
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["param"], error["code"]) == ("messages", "media_too_large")
+    assert "40000000" in error["message"] and "--max-request-pixels" in error["message"]
+    assert rss.grew < 50 * MB
 
 
 def test_request_and_server_pixel_limits(server, ckpt):

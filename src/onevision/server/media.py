@@ -54,7 +54,7 @@ class MediaLimits:
     video_fetch_timeout: float = 30.0
     max_redirects: int = 3
     max_concurrent_fetches: int = 4
-    max_request_pixels: int = 100_000_000  # decoded pixels one request may hold (see request_cost)
+    max_request_pixels: int = 200_000_000  # decoded pixels one request may hold (see request_cost)
     max_server_pixels: int = 400_000_000  # decoded pixels in flight over all requests
     pixel_wait: float = 10.0  # seconds a request waits for the server's pixel budget before a 503
     max_video_seconds: float = 600.0
