@@ -64,7 +64,7 @@ def _client(ckpt, **config):
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt)
     app = create_app(model, AutoProcessor.from_pretrained(ckpt), ServerConfig(model_name=str(ckpt), **config))
-    return TestClient(app)
+    return TestClient(app, base_url="http://localhost")  # the server answers loopback Host names only (issue 10)
 
 
 def test_unknown_model_404_names_the_served_model_and_docs(ckpt):

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=_nonneg_int, default=None)
     chat.add_argument("--repetition-penalty", type=float, default=None)
     chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
+    chat.add_argument("--plain-text", action="store_true",
+                      help="tokenize what you type as plain text: '<|im_start|>' typed in a prompt stays text (by "
+                           "default it becomes the special token, as in transformers; the server always uses "
+                           "plain text)")
     chat.add_argument("--verbose", action="store_true",
                       help="after each answer print 'N tokens, X tok/s, TTFT Y s' on stderr (like ollama run --verbose)")
     _engine_args(chat)
@@ -161,7 +165,48 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the interactive API page at /docs (assets served locally, works offline)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _engine_args(serve)
+    _serve_limits(serve)
     return parser
+
+
+def _serve_limits(serve: argparse.ArgumentParser) -> None:
+    """The server's resource limits (server/http.py, server/media.py); every refusal names the option."""
+    from onevision.server.media import MediaLimits
+
+    m = MediaLimits()
+    g = serve.add_argument_group("limits (each refusal names the option that sets it)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names the server answers to, '*' for any (default: localhost, "
+                        "127.0.0.1, ::1 and --host; any name when --api-key is set); guards against DNS rebinding")
+    g.add_argument("--max-request-pixels", type=_positive_int, default=m.max_request_pixels,
+                   help="decoded media pixels one request may hold at once, checked from the headers before "
+                        f"decoding (default {m.max_request_pixels:,})")
+    g.add_argument("--max-server-pixels", type=_positive_int, default=m.max_server_pixels,
+                   help="decoded media pixels in flight over all requests; more wait, then get 503 "
+                        f"(default {m.max_server_pixels:,})")
+    g.add_argument("--max-video-seconds", type=_positive_float, default=m.max_video_seconds,
+                   help=f"longest video, from the container (default {m.max_video_seconds:g})")
+    g.add_argument("--max-video-frames", type=_positive_int, default=m.max_video_frames,
+                   help=f"most frames in a video's container (default {m.max_video_frames:,})")
+    g.add_argument("--max-video-frame-pixels", type=_positive_int, default=m.max_video_frame_pixels,
+                   help=f"largest video frame width*height (default {m.max_video_frame_pixels:,}: 3840x2160)")
+    g.add_argument("--max-video-decode-pixels", type=_positive_int, default=m.max_video_decode_pixels,
+                   help="pixels a video may need decoded to reach its sampled frames (keyframes far apart cost "
+                        f"more; default {m.max_video_decode_pixels:,}, about 2,000 1080p frames)")
+    g.add_argument("--fetch-timeout", type=_positive_float, default=m.image_fetch_timeout,
+                   help="wall-clock seconds for a remote image fetch, connect to last byte (default "
+                        f"{m.image_fetch_timeout:g}; videos get {m.video_fetch_timeout / m.image_fetch_timeout:g}x)")
+    g.add_argument("--max-concurrent-fetches", type=_positive_int, default=m.max_concurrent_fetches,
+                   help=f"remote media fetches at once; more get 503 (default {m.max_concurrent_fetches})")
+    g.add_argument("--max-connections", type=_positive_int, default=None,
+                   help="open HTTP connections; more get 503 and are closed (default: 256, or half the open-file "
+                        "limit if that is lower)")
+    g.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a connection has to send a request head; idle connections close (default 10)")
+    g.add_argument("--body-timeout", type=_positive_float, default=60.0,
+                   help="seconds to receive a request body; slower gets 408 (default 60)")
+    g.add_argument("--max-json-elements", type=_positive_int, default=200_000,
+                   help="JSON values in a request body; more gets 413 (default 200,000)")
 
 
 def _status(message: str) -> None:
@@ -255,8 +300,15 @@ class ChatSession:
         videos = self.videos + [m for k, m in self.pending if k == "video"]
         messages = self.messages + [{"role": "user", "content": content}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        plain = {}
+        if self.args.plain_text:  # typed special tokens stay text (the server always does this)
+            from onevision.processing.chat_template import content_spans
+
+            render = lambda marked: self.processor.apply_chat_template(marked, add_generation_prompt=True)  # noqa: E731
+            plain["plain_text_spans"] = [content_spans(text, messages, self.processor.tokenizer.special_token_strings,
+                                                       render)]
         inputs = self.processor(text=text, images=[images] if images else None, videos=videos or None,
-                                return_tensors="pt").to(self.model.device, self.model.dtype)
+                                return_tensors="pt", **plain).to(self.model.device, self.model.dtype)
         self.turns += 1
         request_id = f"turn-{self.turns}"
         self.engine.add_request(request_id, inputs, self.sampling_params())
@@ -438,7 +490,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from onevision.server.app import ServerConfig, create_app
+        from onevision.server.app import ServerConfig, create_app, server_options
         from onevision.server.media import MediaLimits
     except ImportError as e:
         raise CLIError(f"the server needs extra packages ({e.name} is missing): pip install 'onevision[server]'"
@@ -447,15 +499,34 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+    from onevision.server.http import bind_socket, default_allowed_hosts
+
+    sock = bind_socket(args.host, args.port)  # a busy port is reported now, not after the model load
+    port = sock.getsockname()[1]
+    allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else \
+        default_allowed_hosts(args.host, args.api_key)
+    if "*" not in allowed and args.host in ("0.0.0.0", "::"):
+        _status(f"note: without --api-key the server answers only to the Host names {', '.join(allowed)}; add the "
+                "names clients use with --allowed-hosts (a guard against DNS rebinding)")
     _log_to_stderr(args.log_level)
     model, processor = load(args)
     limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
-                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
+                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,
+                         max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
+                         max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
+                         max_video_frame_pixels=args.max_video_frame_pixels,
+                         max_video_decode_pixels=args.max_video_decode_pixels, image_fetch_timeout=args.fetch_timeout,
+                         video_fetch_timeout=args.fetch_timeout * 6,
+                         max_concurrent_fetches=args.max_concurrent_fetches)
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,
                           max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
-                          web=not args.no_web, docs=args.docs, engine=engine_config(args))
+                          web=not args.no_web, docs=args.docs, allowed_hosts=tuple(allowed),
+                          body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+                          max_json_elements=args.max_json_elements,
+                          max_connections=args.max_connections or _default_connections(),
+                          engine=engine_config(args))
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 
@@ -467,10 +538,11 @@ def run_serve(args: argparse.Namespace) -> int:
             if sig == signal.SIGTERM and captured and captured[-1] == sig:
                 captured.pop()  # a drained SIGTERM is a clean exit (0), not death by signal
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
-    _status(f"Serving {config.model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)")
-    server.run()
+    server = Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False,
+                                   **server_options(config)))
+    _status(f"Serving {config.model_name!r} on http://{args.host}:{port}/v1 (Ctrl-C to stop)")
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
@@ -485,6 +557,16 @@ def _log_to_stderr(level: str) -> None:
         logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def _default_connections() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    return 256 if soft == resource.RLIM_INFINITY else max(8, min(256, soft // 2))
 
 
 # --------------------------------------------------------------------------- entry point

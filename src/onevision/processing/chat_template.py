@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import secrets
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime
@@ -183,8 +185,49 @@ def normalize_conversation(conversation) -> list[dict]:
     return messages
 
 
+def content_spans(prompt: str, conversation: list[dict], specials: list[str], render) -> list[tuple[int, int]]:
+    """Where the messages' text landed in `prompt` (= render(conversation)), for the texts that hold a special
+    token string: [(start, end)] character spans, to be tokenized as plain text.
+
+    The conversation is rendered again with every text replaced by a unique marker, and the markers' places give
+    the spans; the texts put back must give `prompt` exactly (a template that transforms text can't be mapped:
+    ProcessingError), so a typed special token is never silently left special, and markup that happens to equal
+    a message's text is never taken for it."""
+    texts = []
+
+    def mark(content):
+        if isinstance(content, str):
+            texts.append(content)
+            return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+        if isinstance(content, list):
+            return [dict(item, text=mark(item["text"])) if isinstance(item, dict) and item.get("type") == "text"
+                    and isinstance(item.get("text"), str) else item for item in content]
+        return content
+
+    nonce = secrets.token_hex(8)
+    marked = [dict(m, content=mark(m.get("content"))) if isinstance(m, dict) else m for m in conversation]
+    if not any(token in text for text in texts for token in specials):
+        return []
+    pieces, spans, size, last = [], [], 0, 0
+    rendered = render(marked)
+    for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", rendered):
+        text = texts[int(match.group(1))]
+        pieces += [rendered[last:match.start()], text]
+        size += match.start() - last
+        if any(token in text for token in specials):
+            spans.append((size, size + len(text)))
+        size += len(text)
+        last = match.end()
+    pieces.append(rendered[last:])
+    if "".join(pieces) != prompt:
+        raise ProcessingError("a message's text holds a special token and the chat template transforms message "
+                              "text, so it can't be tokenized as plain text; remove the special token")
+    return spans
+
+
 def blocks(conversation: list[dict], kind: str) -> list[dict]:
     return [b for m in conversation if isinstance(m.get("content"), list) for b in m["content"] if b["type"] == kind]
 
 
-__all__ = ["blocks", "compile_template", "normalize_conversation", "plain_data", "render_chat", "template_variables"]
+__all__ = ["blocks", "compile_template", "content_spans", "normalize_conversation", "plain_data", "render_chat",
+           "template_variables"]

@@ -147,13 +147,7 @@ def load_video(source: str | bytes | os.PathLike, num_frames: int | None = None,
             if total <= 0:
                 raise ProcessingError(f"{where} has no frames")
             indices = sample_indices(total, num_frames, fps, video_fps)
-            wanted, last = set(indices.tolist()), int(indices[-1])
-            frames = []
-            for i, frame in enumerate(container.decode(video=0)):
-                if i > last:
-                    break
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+            frames = read_frames(container, indices.tolist(), video_fps)
     except ProcessingError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
@@ -163,4 +157,56 @@ def load_video(source: str | bytes | os.PathLike, num_frames: int | None = None,
     return np.stack(frames), {"total_num_frames": total, "fps": video_fps, "frames_indices": indices.tolist()}
 
 
-__all__ = ["MAX_IMAGE_PIXELS", "ProcessingError", "fetch_url", "load_image", "load_video", "sample_indices"]
+SEEK_GAP = 64  # frames: a sampled frame further ahead than this is reached by seeking, not by decoding the gap
+
+
+def read_frames(container, indices: list[int], video_fps: float | None, *, size: tuple[int, int] | None = None,
+                should_stop=None) -> list[np.ndarray]:
+    """The frames at `indices` (presentation order, sorted) of the container's first video stream as RGB arrays,
+    in one pass: the decoder runs forward and, when the next wanted frame is more than SEEK_GAP frames ahead and
+    the stream has timestamps, seeks to the keyframe before it instead of decoding the gap. After a seek a frame's
+    index comes from its timestamp (exact for constant-frame-rate video). `size` (width, height) scales frames
+    while converting them; `should_stop()` is asked after every decoded frame and ends the work early (it raises
+    ProcessingError)."""
+    stream = container.streams.video[0]
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted:
+        return []
+    base = stream.start_time or 0
+    tb = float(stream.time_base) if stream.time_base else None
+    can_seek = bool(video_fps and tb)
+    picked: dict[int, np.ndarray] = {}
+    position = 0  # index of the next frame the decoder yields while counting sequentially
+    counting = True
+    target = 0  # position in `wanted`
+    decoder = container.decode(stream)
+    while target < len(wanted):
+        goal = wanted[target]
+        if can_seek and goal - position > SEEK_GAP:
+            container.seek(base + int(goal / video_fps / tb), stream=stream, backward=True, any_frame=False)
+            decoder, counting = container.decode(stream), False
+            position = goal  # (a lower bound is all the gap check needs)
+        frame = next(decoder, None)
+        if frame is None:
+            break
+        if should_stop is not None and should_stop():
+            raise ProcessingError("video decoding was stopped")
+        if counting:
+            index, position = position, position + 1
+        elif frame.pts is None:
+            raise ProcessingError("the video has frames without timestamps after seeking")
+        else:
+            index = round((frame.pts - base) * tb * video_fps)
+            position = max(position, index + 1)
+        if index < goal:
+            continue
+        array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA") if size \
+            else frame.to_ndarray(format="rgb24")
+        while target < len(wanted) and wanted[target] <= index:  # a missing frame: the next one stands in
+            picked[wanted[target]] = array
+            target += 1
+    return [picked[i] for i in wanted if i in picked]
+
+
+__all__ = ["MAX_IMAGE_PIXELS", "ProcessingError", "fetch_url", "load_image", "load_video", "read_frames",
+           "sample_indices"]

@@ -23,7 +23,8 @@ from typing import Any
 
 from onevision.geometry import num_image_tokens, num_video_tokens
 from onevision.processing import BatchFeature, ProcessingError, read_json
-from onevision.processing.chat_template import blocks, normalize_conversation, render_chat, template_variables
+from onevision.processing.chat_template import (blocks, content_spans, normalize_conversation, render_chat,
+                                                template_variables)
 from onevision.processing.image import (_CONFIG_KEYS as IMAGE_KEYS, LlavaOnevisionImageProcessor,
                                         LlavaOnevisionImageProcessorPil, split_batch)
 from onevision.processing.tokenizer import Qwen2TokenizerFast
@@ -136,6 +137,7 @@ class LlavaOnevisionProcessor:
                  return_tensors: str | None = None, **kwargs) -> BatchFeature:
         """Expand <image>/<video> placeholders, tokenize and preprocess media (the reference's output keys)."""
         track_offsets = kwargs.pop("_track_replacements", None)
+        plain_spans = kwargs.pop("plain_text_spans", None)
         mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
         text_kw, image_kw, video_kw = self._split_kwargs(kwargs)
         if images is None and text is None and videos is None:
@@ -168,6 +170,8 @@ class LlavaOnevisionProcessor:
         text_data = {}
         if texts is not None:
             expanded, shifts = self._expand(texts, replacements)
+            if plain_spans is not None:
+                text_kw["plain_text_spans"] = self._shift_spans(texts, plain_spans, shifts)
             text_data = self.tokenizer(expanded, **text_kw).data
             self._check_truncation(expanded, text_data["input_ids"])
             if track_offsets is not None:
@@ -204,6 +208,27 @@ class LlavaOnevisionProcessor:
             shifts.append(sample_shifts)
         return out, shifts
 
+    def _shift_spans(self, texts: list[str], spans: list, shifts: list) -> list[list[tuple[int, int]]]:
+        """Plain-text spans of the texts -> the same spans in the expanded texts. A placeholder typed inside a
+        plain-text span is refused: it would be taken for media."""
+        if len(spans) != len(texts):
+            raise ProcessingError(f"plain_text_spans needs one list of spans per text ({len(texts)}), got {len(spans)}")
+        out = []
+        for text, text_spans, text_shifts in zip(texts, spans, shifts, strict=True):
+            moved = []
+            for start, end in text_spans:
+                for token in (self.image_token, self.video_token):
+                    if token in text[start:end]:
+                        raise ProcessingError(f"a message's text contains the placeholder {token!r}; attach media "
+                                              "as image/video content items instead")
+                gained = 0
+                for placeholder_end, total in text_shifts:
+                    if placeholder_end <= start:
+                        gained = total
+                moved.append((start + gained, end + gained))
+            out.append(moved)
+        return out
+
     def _check_truncation(self, texts: list[str], input_ids: list) -> None:
         for kind, token, token_id in (("image", self.image_token, self.image_token_id),
                                       ("video", self.video_token, self.video_token_id)):
@@ -219,8 +244,10 @@ class LlavaOnevisionProcessor:
                             add_generation_prompt: bool = False, continue_final_message: bool = False,
                             return_assistant_tokens_mask: bool = False, tokenize: bool = False,
                             return_tensors: str | None = None, return_dict: bool = False,
-                            processor_kwargs: dict | None = None, **kwargs):
-        """Render conversation(s) with the chat template; with tokenize=True also load media and run __call__."""
+                            processor_kwargs: dict | None = None, plain_text_content: bool = False, **kwargs):
+        """Render conversation(s) with the chat template; with tokenize=True also load media and run __call__.
+        `plain_text_content=True` (ours; off by default, as in transformers) tokenizes the messages' text as plain
+        text: a special token typed in a message (`<|im_start|>`) is not one. The server always sets it."""
         template = self._resolve_template(chat_template)
         if continue_final_message and add_generation_prompt:
             raise ProcessingError("continue_final_message and add_generation_prompt can't both be set")
@@ -256,6 +283,13 @@ class LlavaOnevisionProcessor:
         shifts: list = []
         if return_assistant_tokens_mask:
             processor_kwargs.update(return_offsets_mapping=True, _track_replacements=shifts)
+        if plain_text_content:
+            def render(chat):
+                return render_chat(chat, template, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, tools=tools, documents=documents,
+                                   **template_kwargs)[0]
+            processor_kwargs["plain_text_spans"] = [content_spans(p, c, self.tokenizer.special_token_strings, render)
+                                                    for p, c in zip(prompts, conversations, strict=True)]
         out = self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
                    return_tensors=return_tensors, **processor_kwargs)
         if return_assistant_tokens_mask:

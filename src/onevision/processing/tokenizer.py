@@ -137,22 +137,29 @@ class Qwen2TokenizerFast:
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
                             tokenize: bool = True, return_tensors: str | None = None, return_dict: bool = True,
-                            continue_final_message: bool = False, **kwargs):
+                            continue_final_message: bool = False, plain_text_content: bool = False, **kwargs):
         """Text-only chat templating like transformers 5's tokenizer method (tokenize=True and return_dict=True by
-        default, as there).
+        default, as there). `plain_text_content=True` (ours; off by default, as in transformers) tokenizes the
+        messages' text as plain text: a special token typed in a message (`<|im_start|>`) is not one.
         Media in a conversation need the processor's apply_chat_template."""
-        from onevision.processing.chat_template import normalize_conversation, render_chat
+        from onevision.processing.chat_template import content_spans, normalize_conversation, render_chat
 
         template = chat_template or self.chat_template
         if not isinstance(template, str):
             raise ProcessingError("this tokenizer has no chat template; pass chat_template=... or use the processor")
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
-        prompts = [render_chat(normalize_conversation(c), template, add_generation_prompt=add_generation_prompt,
+        chats = [normalize_conversation(c) for c in (conversation if batched else [conversation])]
+
+        def render(chat):
+            return render_chat(chat, template, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, **self.special_tokens_map)[0]
-                   for c in (conversation if batched else [conversation])]
+        prompts = [render(chat) for chat in chats]
         if not tokenize:
             return prompts if batched else prompts[0]
+        if plain_text_content:
+            kwargs["plain_text_spans"] = [content_spans(prompt, chat, self.special_token_strings, render)
+                                          for prompt, chat in zip(prompts, chats, strict=True)]
         encoded = self(prompts if batched else prompts[0], return_tensors=return_tensors, add_special_tokens=False,
                        **kwargs)
         return encoded if return_dict else encoded["input_ids"]
@@ -167,6 +174,35 @@ class Qwen2TokenizerFast:
     def all_special_ids(self) -> list[int]:
         return [self._tokenizer.token_to_id(t) for t in self.all_special_tokens]
 
+    @property
+    def special_token_strings(self) -> list[str]:
+        """Every added token marked special (<|im_start|>, <image>, ...): text that becomes one token id."""
+        return [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
+
+    def _encode_with_plain_spans(self, text: str, spans, add_special_tokens: bool):
+        """Like encode(), but the characters in `spans` [(start, end)] are tokenized as plain text (special tokens
+        typed there are split like any text). The text is encoded whole unless a span holds a special token, so
+        the ids only differ from transformers' where such a token was typed."""
+        specials = self.special_token_strings
+        spans = sorted((int(a), int(b)) for a, b in spans or [] if b > a)
+        if not any(token in text[a:b] for a, b in spans for token in specials):
+            encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return list(encoding.ids), list(encoding.offsets)
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = Tokenizer.from_str(self._tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self.__dict__["_plain"] = plain
+        ids, offsets, pos = [], [], 0
+        for start, end in spans + [(len(text), len(text))]:
+            for tokenizer, a, b in ((self._tokenizer, pos, start), (plain, start, end)):
+                if b > a:
+                    encoding = tokenizer.encode(text[a:b], add_special_tokens=False)
+                    ids += encoding.ids
+                    offsets += [(x + a, y + a) for x, y in encoding.offsets]
+            pos = max(pos, end)
+        return ids, offsets
+
     # ---------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -178,8 +214,10 @@ class Qwen2TokenizerFast:
                  truncation: bool | str | None = None, max_length: int | None = None,
                  padding_side: str | None = None, pad_to_multiple_of: int | None = None,
                  return_tensors: str | None = None, return_attention_mask: bool = True,
-                 return_offsets_mapping: bool = False, return_length: bool = False, **unused) -> BatchFeature:
-        """Token ids (+ attention mask) for one text or a batch, with transformers' padding/truncation rules."""
+                 return_offsets_mapping: bool = False, return_length: bool = False, plain_text_spans=None,
+                 **unused) -> BatchFeature:
+        """Token ids (+ attention mask) for one text or a batch, with transformers' padding/truncation rules.
+        `plain_text_spans` (ours): per text, [(start, end)] character spans tokenized as plain text."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not all(isinstance(t, str) for t in texts):
@@ -203,8 +241,15 @@ class Qwen2TokenizerFast:
             except UnicodeEncodeError as e:
                 raise ProcessingError(f"text {i} is not valid Unicode ({e.reason} at position {e.start}, e.g. a lone "
                                       "surrogate); send UTF-8 text") from None
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        rows = [(list(e.ids), list(e.offsets)) for e in encodings]
+        if plain_text_spans is not None:
+            if len(plain_text_spans) != len(texts):
+                raise ProcessingError(f"plain_text_spans needs one list of spans per text ({len(texts)}), got "
+                                      f"{len(plain_text_spans)}")
+            rows = [self._encode_with_plain_spans(t, spans, add_special_tokens)
+                    for t, spans in zip(texts, plain_text_spans, strict=True)]
+        else:
+            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            rows = [(list(e.ids), list(e.offsets)) for e in encodings]
         if truncation not in (None, False, "do_not_truncate"):
             keep = slice(0, max_length) if self.truncation_side == "right" else slice(-max_length or None, None)
             rows = [(ids[keep], offs[keep]) if len(ids) > max_length else (ids, offs) for ids, offs in rows]

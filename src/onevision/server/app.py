@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP server: `create_app(model, processor, ServerConfig(...))` -> FastAPI app.
 
 Request path, cheap checks first, every 4xx decided before a response byte is sent:
-    API key (401) -> body size (413) -> JSON + schema (400, param = field path) -> model name (404)
+    [protocol, server/http.py] connection cap (503), request head deadline (connection closed)
+    Host header (400) -> API key (401) -> body size and read deadline (413, 408) -> JSON element count (413,
+    in a thread) -> JSON + schema (400, param = field path) -> model name (404)
     -> unsupported options, counts, placeholders typed in text (400) -> admission (503 + Retry-After)
-    -> [thread pool] fetch + decode media, chat template, tokenize, context check (400) -> [worker] generate
-Media work and generation never run on the event loop. A client that disconnects cancels its generation.
+    -> [thread pool] fetch, probe, pixel budgets, decode media (server/media.py), chat template, tokenize with
+       message text as plain text, context check (400) -> [worker] generate
+Media work and generation never run on the event loop. A client that disconnects stops its media decoding and
+cancels its generation.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from onevision.server import chat
 from onevision.engine import Engine, EngineConfig
 from onevision.server.engine import ServingEngine
 from onevision.server.docs import add_docs
-from onevision.server.errors import APIError, AuthError, InvalidRequest, NotFound, PayloadTooLarge, unknown_model
-from onevision.server.media import MediaLimits, RemoteFetcher
+from onevision.server.errors import APIError, AuthError, InvalidRequest, PayloadTooLarge, unknown_model
+from onevision.server.http import LOOPBACK_HOSTS, count_json_elements, host_allowed
+from onevision.server.media import MediaLimits, PixelBudget, RemoteFetcher, RequestScope, request_scope
 from onevision.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
 
 log = logging.getLogger("onevision.server")
@@ -51,33 +56,62 @@ class ServerConfig:
     stats_interval: float = 10.0  # seconds between throughput log lines while busy
     media_threads: int = 4
     web: bool = True  # the chat page at GET / (server/web/)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host names answered ("*": any); see server/http.py
+    body_timeout: float = 60.0  # seconds to receive a request body
+    max_json_elements: int = 200_000  # values in a JSON body
+    max_connections: int = 256  # open connections (used by the uvicorn protocol, see server_options)
+    header_timeout: float = 10.0  # seconds for a request head, from connect or from the previous answer
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
 
 
 # --------------------------------------------------------------------------- ASGI middleware
 class GuardMiddleware:
-    """Request id on every response; the API key checked for /v1/* before the body is read; bodies over the
-    limit refused with 413 (by Content-Length, and while the body streams in for chunked uploads)."""
+    """Request id on every response; the Host header checked against the allowed names (400); the API key
+    checked for /v1/* before the body is read (401); bodies over the limit refused with 413 (by Content-Length,
+    and while the body streams in), a body not in within `body_timeout` seconds with 408; a JSON body with more
+    than `max_json_elements` values with 413 (counted in a thread, before FastAPI parses it on the event loop).
+    When a forced shutdown cancels a request, its client still gets an OpenAI-shaped answer: a 503, or for a
+    stream already under way an error event and `data: [DONE]`."""
 
-    def __init__(self, app, max_body_bytes: int, api_key: str | None = None):
+    def __init__(self, app, max_body_bytes: int, api_key: str | None = None, allowed_hosts=("*",),
+                 body_timeout: float = 60.0, max_json_elements: int = 200_000):
         self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
+        self.allowed_hosts, self.body_timeout, self.max_json_elements = list(allowed_hosts), body_timeout, \
+            max_json_elements
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         scope.setdefault("state", {})["request_id"] = request_id
+        sent = {"started": False, "done": False, "stream": False}
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message = dict(message)
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+                sent["started"] = True
+                sent["stream"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                     for k, v in message["headers"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                sent["done"] = True
             await send(message)
 
+        try:
+            await self._guarded(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # forced shutdown (--shutdown-timeout passed): answer, then let go
+            if not sent["done"]:
+                await _shutdown_answer(send_with_id, sent)
+
+    async def _guarded(self, scope, receive, send):
         headers = dict(scope.get("headers", []))
+        host = headers.get(b"host")
+        if not host_allowed(None if host is None else host.decode("latin-1"), self.allowed_hosts):
+            return await _send_error(send, _bad_host(host.decode("latin-1"), self.allowed_hosts))
         if self.api_key and scope.get("path", "").startswith("/v1/"):
             error = key_error(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
             if error is not None:
-                return await _send_error(send_with_id, error)
+                return await _send_error(send, error)
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -85,31 +119,68 @@ class GuardMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
-                return await _send_error(send_with_id, _too_large(self.max_body_bytes))
+                return await _send_error(send, _too_large(self.max_body_bytes))
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send_with_id)
+            return await self.app(scope, receive, send)
         chunks, seen = [], 0  # read the (bounded) body here: chunked uploads are cut off at the limit
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, APIError(
+                    f"the request body did not arrive within {self.body_timeout:g} s (the server's limit, "
+                    "--body-timeout)", status=408, code="body_timeout", headers={"connection": "close"}))
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
             seen += len(body)
             if seen > self.max_body_bytes:
-                return await _send_error(send_with_id, _too_large(self.max_body_bytes))
+                return await _send_error(send, _too_large(self.max_body_bytes))
             chunks.append(body)
             if not message.get("more_body"):
                 break
+        data = b"".join(chunks)
+        del chunks
+        if len(data) < 65536:
+            elements = count_json_elements(data, self.max_json_elements)
+        else:  # a big body is counted off the event loop
+            elements = await asyncio.to_thread(count_json_elements, data, self.max_json_elements)
+        if elements > self.max_json_elements:
+            return await _send_error(send, PayloadTooLarge(
+                f"the request body holds more than {self.max_json_elements} JSON values (the server's limit, "
+                "--max-json-elements)", code="too_many_json_elements"))
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": data, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_id)
+        await self.app(scope, replay, send)
+
+
+async def _shutdown_answer(send, sent: dict) -> None:
+    message, code = "the server is shutting down (its --shutdown-timeout passed); retry the request", "shutting_down"
+    error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    try:
+        if not sent["started"]:
+            await _send_error(send, APIError(message, status=503, type="server_error", code=code,
+                                             headers={"connection": "close"}))
+        elif sent["stream"]:
+            body = b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # noqa: BLE001 - the client is gone: nothing left to tell it
+        pass
+
+
+def _bad_host(host: str, allowed: list[str]) -> InvalidRequest:
+    return InvalidRequest(f"this server does not answer to the Host {host!r} (it answers to {', '.join(allowed)}); "
+                          "if that is its name, start it with --allowed-hosts (a guard against DNS rebinding)",
+                          code="invalid_host")
 
 
 def key_error(header: str, api_key: str) -> AuthError | None:
@@ -182,10 +253,14 @@ class _State:
     def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = processor.tokenizer
-        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
+        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
+                                                max_concurrent=config.media.max_concurrent_fetches)
+        self.pixels = PixelBudget(config.media.max_server_pixels)
         core = Engine(model, processor, config.engine)
         self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
-        self.pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="onevision-media")
+        # room for the most remote fetches at once on top of media_threads: a slow remote ties up nothing else
+        self.pool = ThreadPoolExecutor(config.media_threads + config.media.max_concurrent_fetches,
+                                       thread_name_prefix="onevision-media")
         # a request must fit the context and the KV pool (the engine refuses more; this says so with a 400)
         self.context = min(core.max_model_len, core.blocks.num_blocks * core.blocks.block_size)
         self.created = int(time.time())
@@ -213,7 +288,9 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
     if config.docs:
         add_docs(app)
     app.state.server = state
-    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
+                       allowed_hosts=config.allowed_hosts, body_timeout=config.body_timeout,
+                       max_json_elements=config.max_json_elements)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -281,8 +358,7 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
         chat.check_request(body, state)
         slot = state.engine.acquire()
         try:
-            loop = asyncio.get_running_loop()
-            inputs, params, prompt_tokens = await loop.run_in_executor(state.pool, chat.prepare, body, state)
+            inputs, params, prompt_tokens = await _prepare(state, request, body)
             greedy = params.greedy
             n = body.n or 1
             job = state.engine.submit(slot, inputs, params, 1 if greedy else n, request_id, prompt_tokens)
@@ -303,10 +379,46 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
     return app
 
 
+async def _prepare(state: _State, request: Request, body: ChatCompletionRequest):
+    """chat.prepare in the media pool under a RequestScope: the server's pixel budget, and decoding stops when the
+    client disconnects meanwhile."""
+    scope = RequestScope(state.pixels)
+
+    def run():
+        with request_scope(scope):
+            return chat.prepare(body, state)
+
+    future = asyncio.get_running_loop().run_in_executor(state.pool, run)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not future.done():
+            scope.cancelled.set()
+    if not future.done():
+        await asyncio.gather(future, return_exceptions=True)
+        raise APIError("the client disconnected", status=499, code="client_disconnected")
+    return future.result()
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def server_options(config: ServerConfig, http: str = "auto") -> dict:
+    """uvicorn.Config keywords that enforce `config`'s connection limits (server/http.py)."""
+    from onevision.server.http import guarded_protocol, http_protocol
+
+    return {"http": guarded_protocol(http_protocol(http), config.max_connections, config.header_timeout),
+            "timeout_keep_alive": config.keep_alive}
+
+
 def _version() -> str:
     from onevision import __version__
 
     return __version__
 
 
-__all__ = ["GuardMiddleware", "ServerConfig", "create_app"]
+__all__ = ["GuardMiddleware", "ServerConfig", "create_app", "server_options"]

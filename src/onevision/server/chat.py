@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from onevision.server.engine import Job
 from onevision.server.errors import APIError, ContextLengthExceeded, InvalidRequest
-from onevision.server.media import decode_image, decode_video, media_bytes
+from onevision.server.media import load_request_media, media_sizes
 from onevision.server.schemas import ChatCompletionRequest
 
 
@@ -92,9 +92,10 @@ def prepare(body: ChatCompletionRequest, state):
     """[thread pool] media -> conversation -> prompt ids -> context check -> (inputs, SamplingParams, prompt
     tokens) for the engine."""
     from onevision.processing import ProcessingError
+    from onevision.processing.chat_template import content_spans
 
     config = state.config
-    conversation, images, videos = [], [], []
+    conversation, items = [], []
     for i, message in enumerate(body.messages):
         content: list[dict] = []
         parts = [("content", None)] if isinstance(message.content, str) else \
@@ -106,25 +107,20 @@ def prepare(body: ChatCompletionRequest, state):
                 content.append({"type": "text", "text": part.text})
             else:
                 kind = "image" if part.type == "image_url" else "video"
-                param = f"messages[{i}].{suffix}.{part.type}"
-                url = (part.image_url or part.video_url).url
-                try:
-                    data = media_bytes(url, kind=kind, limits=config.media, fetcher=state.fetcher)
-                    if kind == "image":
-                        images.append(decode_image(data, config.media))
-                    else:
-                        videos.append(decode_video(data, config.media))
-                except InvalidRequest as e:
-                    e.param = param
-                    raise
+                items.append((kind, (part.image_url or part.video_url).url, f"messages[{i}].{suffix}.{part.type}"))
                 content.append({"type": kind})
         role = "system" if message.role == "developer" else message.role
         conversation.append({"role": role, "content": content})
+    media = load_request_media(items, config.media, state.fetcher, media_sizes(state.processor))
+    images = [m for (kind, _, _), m in zip(items, media, strict=True) if kind == "image"]
+    videos = [m for (kind, _, _), m in zip(items, media, strict=True) if kind == "video"]
     processor = state.processor
     try:
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        spans = content_spans(prompt, conversation, state.tokenizer.special_token_strings,  # typed tokens: text
+                              lambda marked: processor.apply_chat_template(marked, add_generation_prompt=True))
         inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None,
-                           return_tensors="pt")
+                           return_tensors="pt", plain_text_spans=[spans])
     except ProcessingError as e:
         raise InvalidRequest(f"the messages could not be processed: {e}", param="messages", code="invalid_value") from None
     prompt_tokens = int(inputs["input_ids"].shape[1])
