@@ -193,7 +193,10 @@ async def _collect(job: Job, rows: int) -> tuple[list[str], list[str], list[int]
         elif event[0] == "end":
             return texts, reasons, counts
         else:
-            raise APIError(event[1], status=500, type="server_error", code="generation_failed")
+            code = event[2] if len(event) > 2 else "generation_failed"
+            if code == "shutting_down":
+                raise APIError(event[1], status=503, type="server_error", code=code, headers={"Retry-After": "5"})
+            raise APIError(event[1], status=500, type="server_error", code=code)
 
 
 async def complete(job: Job, request: Request, meta: dict, n: int, copies: int, prompt_tokens: int):
@@ -252,7 +255,8 @@ async def sse_events(job: Job, meta: dict, n: int, copies: int, prompt_tokens: i
                                         "total_tokens": prompt_tokens + completion})
             break
         else:  # failed mid-generation: the status line is already sent, so the error goes in the stream
-            error = {"error": {"message": event[1], "type": "server_error", "param": None, "code": "generation_failed"}}
+            code = event[2] if len(event) > 2 else "generation_failed"
+            error = {"error": {"message": event[1], "type": "server_error", "param": None, "code": code}}
             yield b"data: " + json.dumps(error).encode() + b"\n\n"
             break
     yield b"data: [DONE]\n\n"

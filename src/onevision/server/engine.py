@@ -7,7 +7,7 @@ cancellation. Generation itself runs in onevision.engine (continuous batching on
 
 A request holds its slot from admission (before its media is fetched and decoded) until its generation ends.
 Events on job.events (an asyncio.Queue):
-    ("delta", row, text)   ("finish", row, reason, completion_tokens)   ("end",)   ("error", message)
+    ("delta", row, text)   ("finish", row, reason, completion_tokens)   ("end",)   ("error", message[, code])
 """
 
 from __future__ import annotations
@@ -89,8 +89,11 @@ class Job:
         if out.finished:
             if any(c.finish_reason == "abort" for c in out.outputs):
                 self._end("cancelled" if self.status == "cancelled" else "aborted")
-                self.events.put_nowait(("error", "the generation was cancelled (the server is stopping or the "
-                                                 "client left)"))
+                if self.serving.stopping:
+                    self.events.put_nowait(("error", "the server is shutting down; retry the request",
+                                            "shutting_down"))
+                else:
+                    self.events.put_nowait(("error", "the generation was cancelled"))
                 return
             self._end("ok")
             self.events.put_nowait(("end",))
@@ -109,7 +112,7 @@ class ServingEngine:
         self.capacity = engine.config.max_num_seqs + max_queue
         self._lock = threading.Lock()
         self._admitted = 0
-        self.draining = False
+        self.draining = self.stopping = False
         self.completed = self.cancelled = 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -158,6 +161,7 @@ class ServingEngine:
     def stop(self, timeout: float = 10.0) -> None:
         """Abort what is still running (each stream gets an error event) and stop the engine thread."""
         self.start_draining()
+        self.stopping = True
         self.engine.shutdown(timeout)
 
 
