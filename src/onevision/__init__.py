@@ -36,6 +36,12 @@ _EXPORTS = {
     "GenerationConfig": "onevision.generation.generate",
     "TextIteratorStreamer": "onevision.generation.streaming",
     "TextStreamer": "onevision.generation.streaming",
+    # the engine
+    "LLM": "onevision.engine.llm",
+    "SamplingParams": "onevision.engine.params",
+    "RequestOutput": "onevision.engine.params",
+    "Engine": "onevision.engine.engine",
+    "EngineConfig": "onevision.engine.engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,6 +37,77 @@ class IncrementalDecoder:
         return text[len(before):]
 
 
+class TextTracker:
+    """The one place that finishes a generated row: eos ids, stop token ids, stop strings (found in the decoded
+    text, which never holds half a character), the token limit and cancellation; and the text released so far.
+
+        tracker = TextTracker(tokenizer, eos_ids=[...], stop=["###"], max_tokens=100)
+        delta, reason = tracker.push(token)   # reason: None, "stop" or "length"; delta: text safe to show now
+
+    Text that could still turn into a stop string is held back until it cannot. After a stop string the text
+    ends before it (like vLLM and the OpenAI API); the token that completed it is kept in `token_ids`."""
+
+    def __init__(self, tokenizer: Any, *, eos_ids=(), stop_token_ids=(), stop=(), max_tokens: int | None = None,
+                 min_tokens: int = 0, ignore_eos: bool = False, skip_special_tokens: bool = True):
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.eos = set() if ignore_eos else set(int(i) for i in eos_ids)
+        self.stop_ids, self.stops = set(int(i) for i in stop_token_ids), list(stop)
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.token_ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> tuple[str, str | None]:
+        if self.finished:
+            raise RuntimeError("push() after the row finished")
+        token = int(token)
+        self.token_ids.append(token)
+        checking = len(self.token_ids) > self.min_tokens  # no stop of any kind before min_tokens (like vLLM)
+        if checking and token in self.eos:
+            self._finish("stop", None)
+        elif checking and token in self.stop_ids:
+            self._finish("stop", token)
+        else:
+            self._add(self.decoder.push([token]), checking)
+        if not self.finished and self.max_tokens is not None and len(self.token_ids) >= self.max_tokens:
+            self._add(self.decoder.flush(), checking)
+            if not self.finished:
+                self._finish("length", None)
+        return self._release(), self.finish_reason
+
+    def cancel(self, reason: str = "abort") -> str:
+        """Finish now (client gone, server stopping); returns the text still held back."""
+        if not self.finished:
+            self._finish(reason, None)
+        return self._release()
+
+    def _add(self, piece: str, checking: bool) -> None:
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        if checking and self.stops:
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) != -1]
+            if hits:
+                cut, stop = min(hits)
+                self.text = self.text[:cut]
+                self._finish("stop", stop)
+
+    def _finish(self, reason: str, stop_reason) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def _release(self) -> str:
+        end = len(self.text) if self.finished else max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+
 class TextStreamer:
     """Prints generated text to stdout as it is produced (transformers' TextStreamer)."""
 

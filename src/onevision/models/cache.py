@@ -66,3 +66,63 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class PagedKVCache:
+    """The engine's KV pool: per layer one (num_blocks * block_size, H_kv, D) tensor for keys and one for values,
+    allocated once. A token's slot is block_id * block_size + offset; sequences own blocks through a block table
+    (engine/blocks.py), so rows of any length share one pool and blocks can be shared by several sequences."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values in every layer (a forked sequence's partly filled last block)."""
+        bs = self.block_size
+        for buffers in (self.keys, self.values):
+            for t in buffers:
+                t[dst * bs:(dst + 1) * bs] = t[src * bs:(src + 1) * bs]
+
+
+class PagedBatch:
+    """One engine step over a flat batch of N new tokens from several sequences (passed as the model's `cache`).
+
+    slots (N,): where each new token's K/V is written. segments: per sequence (q_start, q_len, context) where the
+    sequence's new queries are q[q_start:q_start+q_len] and it attends to `context` keys, read from the pool at
+    `gather` (context,) slots (its earlier tokens then the new ones, causally)."""
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]]):
+        self.cache, self.slots, self.segments = cache, slots, segments
+        self.length = 0  # the model's KVCache interface: positions come from the caller
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, H_kv, N, D) new tokens -> (1, H, N, D); stores k/v in the pool first."""
+        from onevision.models.attention import sdpa
+
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slots] = k[0].transpose(0, 1)
+        values[self.slots] = v[0].transpose(0, 1)
+        outs = []
+        for start, q_len, gather in self.segments:
+            ctx = gather.shape[0]
+            kk = keys[gather].transpose(0, 1)[None]  # (1, H_kv, ctx, D)
+            vv = values[gather].transpose(0, 1)[None]
+            qq = q[:, :, start:start + q_len]
+            if q_len == 1 or q_len == ctx:  # one query sees everything; a fresh prompt is plain causal
+                mask = None
+            else:  # a chunk after cached tokens: query i sees keys up to ctx - q_len + i
+                mask = (torch.arange(q_len, device=q.device)[:, None] + (ctx - q_len)
+                        >= torch.arange(ctx, device=q.device)[None, :])[None, None]
+            outs.append(sdpa(qq, kk, vv, mask, True, scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def advance(self) -> None:
+        pass

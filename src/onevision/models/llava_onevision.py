@@ -145,13 +145,34 @@ class LlavaOnevisionModel(nn.Module):
         elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}, expected 4 or 5 dimensions")
         feats = self._vision_features(pixel_values, layer, strategy).split(counts, dim=0)
-        packed = []
-        for f, size in zip(feats, image_sizes.tolist()):
-            if f.shape[0] > 1:
-                packed.append(pack_anyres(f, tuple(size), self.image_newline, cfg, aspect))
-            else:
-                packed.append(_with_newline(f[0], self.image_newline))
+        packed = [self.pack_image(f, tuple(size), aspect) for f, size in zip(feats, image_sizes.tolist())]
         return ModelOutput(pooler_output=packed)
+
+    # -- the engine's vision stage: tiles are encoded in any grouping, then packed per media item ------------
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) tiles of any images or video frames -> projected (T, side*side, C) with the config's
+        feature layer and strategy (each tile is independent, so the engine can split the work freely)."""
+        cfg = self.config
+        return self._vision_features(tiles, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+
+    def pack_image(self, features: torch.Tensor, size: tuple[int, int], vision_aspect_ratio: str | None = None
+                   ) -> torch.Tensor:
+        """One image's projected tiles (P, side*side, C) -> its placeholder features (n, C): anyres packing when
+        P > 1, else the single base tile (multi-image mode) and a newline."""
+        aspect = vision_aspect_ratio or self.config.vision_aspect_ratio
+        if features.shape[0] > 1:
+            return pack_anyres(features, size, self.image_newline, self.config, aspect)
+        return _with_newline(features[0], self.image_newline)
+
+    def pack_video(self, features: torch.Tensor) -> torch.Tensor:
+        """One video's projected frames (T, side*side, C) -> (T * pooled + 1, C): each frame's grid pooled 2x
+        (bilinear), then one newline."""
+        side = self.config.vision_config.num_patches_per_side
+        t, _, c = features.shape
+        grid = features.view(t, side, side, c).permute(0, 3, 1, 2)  # (T, C, side, side)
+        pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        pooled = pooled.permute(0, 2, 3, 1).reshape(1, -1, c)  # (1, T*pooled, C)
+        return torch.cat((pooled[0], self.image_newline[None].to(pooled.dtype)), dim=0)
 
     def pack_image_features(self, image_features, image_sizes, image_newline=None,
                             vision_aspect_ratio: str = "anyres_max_9"):
@@ -174,13 +195,8 @@ class LlavaOnevisionModel(nn.Module):
         layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or cfg.vision_feature_select_strategy
         feats = self._vision_features(pixel_values_videos.flatten(0, 1), layer, strategy)
-        side = cfg.vision_config.num_patches_per_side
-        c = feats.shape[-1]
-        grid = feats.view(b * t, side, side, c).permute(0, 3, 1, 2)  # (B*T, C, 27, 27)
-        pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
-        pooled = pooled.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, T*196, C)
-        newline = self.image_newline[None, None].expand(b, 1, c).to(pooled.dtype)
-        return ModelOutput(pooler_output=torch.cat((pooled, newline), dim=1))
+        feats = feats.view(b, t, *feats.shape[1:])
+        return ModelOutput(pooler_output=torch.stack([self.pack_video(f) for f in feats]))
 
     # -- merge ------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onevision.config import Qwen2Config
-from onevision.models.cache import KVCache
+from onevision.models.cache import KVCache, PagedBatch
 from onevision.models.attention import attend
 
 
@@ -74,6 +74,9 @@ class Qwen2Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(cache, PagedBatch):  # the engine's flat batch of several sequences
+            out = cache.attend(self.layer_idx, q, k, v, self.head_dim**-0.5)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out, weights = attend(self.impl, q, k, v, mask, True, self.head_dim**-0.5, need_weights)
@@ -140,9 +143,10 @@ class Qwen2Model(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity, dtype, device)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | PagedBatch | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False):
-        """inputs_embeds (B, S, C), attention_mask (B, past + S) -> (last hidden (B, S, C), hidden states, attentions)."""
+        """inputs_embeds (B, S, C), attention_mask (B, past + S) -> (last hidden (B, S, C), hidden states, attentions).
+        With a PagedBatch (the engine): B = 1, S = every sequence's new tokens, per-token position_ids (1, S)."""
         b, s, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:

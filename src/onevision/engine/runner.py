@@ -1,0 +1,112 @@
+"""Runs one scheduled step on the model: vision features for the media the step reaches, then one forward over
+the flat batch of every sequence's new tokens, then the logits of the sequences that need a next token."""
+
+from __future__ import annotations
+
+import torch
+
+from onevision.engine.sequence import MediaItem, Sequence
+from onevision.engine.vision_cache import VisionCache
+from onevision.generation import sampling
+from onevision.models.cache import PagedBatch, PagedKVCache
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedKVCache, vision_cache: VisionCache):
+        self.model, self.cache, self.vision_cache = model, cache, vision_cache
+        self.device = model.device
+        self.dtype = self.compute_dtype(model)
+        self.logits_hook = None  # tests: called with (sequences, logits) after every forward
+        self.encoded_tiles = 0
+
+    @staticmethod
+    def compute_dtype(model) -> torch.dtype:
+        dtype = model.get_input_embeddings().weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # quantized embeddings
+            dtype = getattr(model, "compute_dtype", torch.float32)
+        return dtype
+
+    # ------------------------------------------------------------------ vision
+    def ensure_features(self, items: list[MediaItem]) -> None:
+        """Give every item its features: from the vision cache, else encoded (all missing tiles in one batch)."""
+        missing = []
+        for item in items:
+            if item.features is None:
+                item.features = self.vision_cache.get(item.hash)
+                if item.features is None:
+                    missing.append(item)
+        if not missing:
+            return
+        tiles = torch.cat([m.tiles for m in missing]).to(self.device, self.dtype)
+        encoded = self.model.model.encode_tiles(tiles).split([m.tiles.shape[0] for m in missing])
+        self.encoded_tiles += tiles.shape[0]
+        for item, feats in zip(missing, encoded):
+            packed = self.model.model.pack_image(feats, item.size) if item.kind == "image" else \
+                self.model.model.pack_video(feats)
+            if packed.shape[0] != item.length:
+                raise ValueError(f"{item.kind} features have {packed.shape[0]} rows for {item.length} placeholders")
+            item.features = packed.to(self.dtype)
+            self.vision_cache.put(item.hash, item.features)
+
+    # ------------------------------------------------------------------ language model
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Forward the scheduled tokens; returns the sequences that reached their end and their float32 logits
+        (k, V)."""
+        bs = self.cache.block_size
+        ids, positions, slots, segments, sample_rows, sampled = [], [], [], [], [], []
+        spans: list[tuple[int, MediaItem, int, int]] = []  # (flat offset, item, first row, last row + 1)
+        offsets = torch.arange(bs, device=self.device)
+        for seq, n in scheduled:
+            start, q0 = seq.num_computed, len(ids)
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            table = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+            gather = (table[:, None] * bs + offsets).flatten()[:start + n]  # (context,) pool slots
+            slots.append(gather[start:])
+            segments.append((q0, n, gather))
+            reached = [m for m in seq.items if m.start < start + n and m.start + m.length > start]
+            self.ensure_features(reached)
+            for m in reached:
+                lo, hi = max(m.start, start), min(m.start + m.length, start + n)
+                spans.append((q0 + lo - start, m, lo - m.start, hi - m.start))
+            if start + n == len(seq.token_ids):
+                sample_rows.append(q0 + n - 1)
+                sampled.append(seq)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids_t).to(self.dtype)  # (N, C)
+        for at, item, lo, hi in spans:
+            embeds[at:at + hi - lo] = item.features[lo:hi]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
+        batch = PagedBatch(self.cache, torch.cat(slots), segments)
+        hidden, _, _ = self.model.model.language_model(embeds[None], None, pos, batch)
+        for seq, n in scheduled:
+            seq.num_computed += n
+            for m in seq.items:  # the cache keeps features; a sequence past its media drops its reference
+                if m.start + m.length <= seq.num_computed:
+                    m.features = None
+        if not sampled:
+            return [], None
+        logits = self.model.lm_head(hidden[0, sample_rows]).float()
+        if self.logits_hook is not None:
+            self.logits_hook(sampled, logits)
+        return sampled, logits
+
+
+def sample(seq: Sequence, logits: torch.Tensor, eos_ids: list[int]) -> int:
+    """One token for one sequence from its (V,) float32 logits, with the reference's processing order."""
+    p = seq.params
+    ban = None
+    if seq.num_generated < p.min_tokens:
+        banned = ([] if p.ignore_eos else eos_ids) + p.stop_token_ids
+        ban = torch.tensor(banned, device=logits.device) if banned else None
+    if p.greedy and p.repetition_penalty == 1.0 and ban is None:
+        return int(logits.argmax())
+    seen = torch.tensor(seq.token_ids, device=logits.device)[None] if p.repetition_penalty != 1.0 else None
+    scores = sampling.process(logits[None], seen, repetition=p.repetition_penalty, ban=ban, do_sample=not p.greedy,
+                              temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p,
+                              min_p=p.min_p or None)
+    return int(sampling.choose(scores, not p.greedy, seq.generator)[0])
+
+
+__all__ = ["ModelRunner", "sample"]
