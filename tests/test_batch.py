@@ -115,7 +115,7 @@ def answers(recs: list[dict]) -> dict:
 def engine(tiny_ckpt):
     from onevision.batch import load_engine
 
-    return load_engine(str(tiny_ckpt), dtype="float32", device="cpu")
+    return load_engine(str(tiny_ckpt), dtype="float32", device="cpu", kv_cache_memory=64 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +227,16 @@ def _cli(args, env_extra=None, timeout=240):
 def test_cli_exit_code_says_whether_every_line_succeeded(tiny_ckpt, first_run, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [line(cid, body) for cid, body, *_ in GOOD[:2]])
     out = tmp_path / "good-results.jsonl"
-    done = _cli(["--model", str(tiny_ckpt), "--input", str(good), "--output", str(out), "--dtype", "float32"])
+    done = _cli(["--model", str(tiny_ckpt), "--input", str(good), "--output", str(out), "--dtype", "float32",
+                 "--kv-cache-memory", "64MiB"])
     assert done.returncode == 0, done.stderr
     assert "2 request(s) run: 2 succeeded, 0 failed" in done.stderr
     assert "2/2" in done.stderr  # the progress bar (tqdm) on stderr
     assert answers(records(out)) == {k: v for k, v in answers(records(first_run[1])).items()
                                      if k in ("text-short", "text-turns")}
     bad = write_jsonl(tmp_path / "bad.jsonl", [line("a", chat(user("hi"), max_tokens=2)), "{oops"])
-    failed = _cli(["--model", str(tiny_ckpt), "-i", str(bad), "-o", str(tmp_path / "bad-out.jsonl"), "--no-progress"])
+    failed = _cli(["--model", str(tiny_ckpt), "-i", str(bad), "-o", str(tmp_path / "bad-out.jsonl"), "--no-progress",
+                  "--kv-cache-memory", "64MiB"])
     assert failed.returncode == 1
     assert "1 succeeded, 1 failed" in failed.stderr and "Error records" in failed.stderr
 

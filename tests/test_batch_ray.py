@@ -32,9 +32,10 @@ def test_ray_pipeline_writes_the_same_records_as_the_local_run(cluster, tiny_ckp
 
     source = write_jsonl(tmp_path / "requests.jsonl", mixed_lines())
     local = run(str(source), str(tmp_path / "local.jsonl"), config=config(), progress=False,
-                engine=load_engine(str(tiny_ckpt), dtype="float32", device="cpu"))
+                engine=load_engine(str(tiny_ckpt), dtype="float32", device="cpu", kv_cache_memory=64 << 20))
     on_ray = run(str(source), str(tmp_path / "ray.jsonl"), model=str(tiny_ckpt), config=config(), dtype="float32",
-                 progress=False, ray=True, ray_replicas=1, ray_num_cpus=1, ray_prepare_cpus=0.5, ray_batch_size=4)
+                 progress=False, ray=True, ray_replicas=1, ray_num_cpus=1, ray_prepare_cpus=0.5, ray_batch_size=4,
+                 engine_kwargs={"kv_cache_memory": 64 << 20})
     assert (on_ray.succeeded, on_ray.failed) == (local.succeeded, local.failed) == (len(GOOD), len(BAD))
     assert on_ray.exit_code == local.exit_code == 1
     ours, theirs = records(tmp_path / "ray.jsonl"), records(tmp_path / "local.jsonl")

@@ -51,6 +51,19 @@ def _positive_float(text: str) -> float:
 
 
 _positive_int, _nonneg_int = _int_in(1), _int_in(0)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def _memory_size(text: str) -> int:
+    """argparse type: a size in bytes, with an optional unit (512MiB, 4GiB, 2GB, 1000000)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not match or unit is None or float(match.group(1)) * unit < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 512MiB, 4GiB or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * unit)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -150,6 +163,10 @@ def _batch_args(sub) -> None:
                        help="sequences the engine runs at once (default: the engine's)")
     batch.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                        help="tokens per engine step (default: the engine's)")
+    batch.add_argument("--kv-cache-memory", type=_memory_size, default=None, metavar="SIZE",
+                       help="KV cache size per engine, e.g. 4GiB (default: a share of free memory)")
+    batch.add_argument("--vision-cache-memory", type=_memory_size, default=None, metavar="SIZE",
+                       help="vision features kept by content hash per engine, e.g. 512MiB (default: the engine's)")
     batch.add_argument("--max-in-flight", type=_positive_int, default=None,
                        help="requests prepared and in the engine at once (default 2 x max-num-seqs)")
     batch.add_argument("--media-threads", type=_positive_int, default=4,
@@ -489,8 +506,8 @@ def run_batch(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
     config = ServerConfig(model_name=args.served_model_name, media=limits, max_images=args.max_images,
                           max_videos=args.max_videos, max_n=args.max_n, default_max_tokens=args.default_max_tokens)
-    engine_kwargs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
-                                       ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    engine_kwargs = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                                                   "vision_cache_memory") if getattr(args, k) is not None}
     use_ray = args.ray or args.ray_address is not None
     if not use_ray and device == "auto":
         import torch

@@ -61,7 +61,8 @@ class ModelFacts:
 
 
 def build(request: Request, state: State):
-    """The body through the server's schema, checks and media rules -> (inputs, params, prompt_tokens).
+    """The body through the server's schema, checks and media rules -> (inputs, SamplingParams, prompt_tokens,
+    copies of each answer).
     Raises the server's APIError (an error record) for anything refused."""
     from pydantic import ValidationError
 
@@ -82,14 +83,35 @@ def build(request: Request, state: State):
     if names is not None and body.model != names:
         raise unknown_model(body.model, [names])
     chat.check_request(body, state)
-    return chat.prepare(body, state)
+    inputs, params, prompt_tokens = chat.prepare(body, state)
+    params, copies = _interim_params(params, body)  # TEMPORARY until the server's prepare returns SamplingParams
+    return inputs, params, prompt_tokens, copies
 
 
-def completion_body(output, request_id: str, model_name: str, prompt_tokens: int, created: int) -> dict:
-    """A finished RequestOutput as the server's chat.completion JSON."""
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason, "logprobs": None} for c in output.outputs]
-    completion = sum(len(c.token_ids) for c in output.outputs)
+def _interim_params(plan, body):
+    """TEMPORARY: the server's generate plan -> engine SamplingParams, and how many copies of a greedy answer
+    the body's n asks for. Goes away when the server's prepare returns SamplingParams itself."""
+    from onevision.engine import SamplingParams
+
+    if isinstance(plan, SamplingParams):
+        return plan, 1
+    cfg, n = plan.cfg, body.n or 1
+    common = dict(max_tokens=plan.max_new, min_tokens=cfg.min_new_tokens or 0,
+                  repetition_penalty=cfg.repetition_penalty, stop=list(plan.stop_strings), seed=body.seed)
+    if not cfg.do_sample:
+        return SamplingParams(n=1, temperature=0.0, **common), n
+    return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0,
+                          min_p=cfg.min_p or 0.0, **common), 1
+
+
+def completion_body(output, request_id: str, model_name: str, prompt_tokens: int, created: int,
+                    copies: int = 1) -> dict:
+    """A finished RequestOutput as the server's chat.completion JSON; `copies` > 1: a greedy answer run once for
+    n identical choices (like the server)."""
+    outs = [c for c in output.outputs for _ in range(copies)]
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                "logprobs": None} for i, c in enumerate(outs)]
+    completion = sum(len(c.token_ids) for c in outs)
     return {"id": f"chatcmpl-{request_id.removeprefix('req-')}", "object": "chat.completion", "created": created,
             "model": model_name, "choices": choices, "system_fingerprint": None,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -260,11 +282,15 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
     return summary
 
 
-def load_engine(model: str, **kwargs):
-    try:
-        from onevision.engine import Engine
-    except ImportError:  # TEMPORARY until the engine lands on main
-        from onevision.batch._interim import Engine
+def load_engine(model: str, revision: str | None = None, **kwargs):
+    """Engine.from_pretrained(model, dtype=, device=, quantize=, **EngineConfig fields); a hub `revision` is
+    resolved to its downloaded folder first."""
+    if revision:
+        from onevision.loading import resolve_files
+
+        model = resolve_files(model, ["*.json", "*.safetensors", "*.jinja", "*.txt"], revision=revision)
+    from onevision.engine import Engine
+
     return Engine.from_pretrained(model, **kwargs)
 
 
@@ -279,9 +305,9 @@ class Driver:
 
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
-        self.running: dict[str, tuple[Request, int, int]] = {}
+        self.running: dict[str, tuple[Request, int, int, int]] = {}
 
-    def submit(self, request: Request, inputs, params, prompt_tokens: int) -> dict | None:
+    def submit(self, request: Request, inputs, params, prompt_tokens: int, copies: int = 1) -> dict | None:
         """Hand the request to the engine; -> an error record if it refuses it, else None."""
         from onevision.server.errors import APIError
 
@@ -291,7 +317,7 @@ class Driver:
         except (ValueError, TypeError) as e:  # settings the engine can't run
             return error_record(request.line, request.custom_id, APIError(
                 f"the request could not be run: {e}", code="invalid_value"), request_id)
-        self.running[request_id] = (request, prompt_tokens, int(time.time()))
+        self.running[request_id] = (request, prompt_tokens, int(time.time()), copies)
         return None
 
     def step(self) -> list[tuple[dict, int]]:
@@ -303,7 +329,7 @@ class Driver:
         except Exception:  # a failed step takes the requests in it down, not the job
             log.exception("engine step failed")
             failed = []
-            for request_id, (request, _, _) in self.running.items():
+            for request_id, (request, *_) in self.running.items():
                 _abort(self.engine, request_id)
                 failed.append((error_record(request.line, request.custom_id, Internal(
                     f"internal error during generation (request_id={request_id})", code="generation_failed"),
@@ -313,8 +339,8 @@ class Driver:
         finished = []
         for out in outputs:
             if out.finished and out.request_id in self.running:
-                request, prompt_tokens, created = self.running.pop(out.request_id)
-                body = completion_body(out, out.request_id, self.model_name, prompt_tokens, created)
+                request, prompt_tokens, created, copies = self.running.pop(out.request_id)
+                body = completion_body(out, out.request_id, self.model_name, prompt_tokens, created, copies)
                 finished.append((answer_record(request.custom_id, out.request_id, body),
                                  body["usage"]["completion_tokens"]))
         return finished
@@ -326,7 +352,7 @@ class Driver:
 
 
 def prepared(request: Request, future: Future) -> tuple[Any, dict | None]:
-    """(inputs, params, prompt_tokens) of a build, or (None, error record)."""
+    """(inputs, params, prompt_tokens, copies) of a build, or (None, error record)."""
     from onevision.server.errors import APIError, Internal
 
     try:

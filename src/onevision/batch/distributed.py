@@ -50,9 +50,9 @@ class PrepareStage:
             request = Request(int(line), str(custom_id), json.loads(body))
             payload, record = b"", ""
             try:
-                inputs, params, prompt_tokens = build(request, self.state)
+                inputs, *rest = build(request, self.state)
                 inputs = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in inputs.items()}
-                payload = pickle.dumps((inputs, params, prompt_tokens))
+                payload = pickle.dumps((inputs, *rest))
             except APIError as e:
                 record = dumps(error_record(request.line, request.custom_id, e))
             except Exception:  # noqa: BLE001 - a row must not take the actor down
@@ -87,11 +87,11 @@ class EngineStage:
         for line, custom_id, payload, record in zip(batch["line"], batch["custom_id"], batch["payload"],
                                                     batch["record"]):
             if not record:
-                inputs, params, prompt_tokens = pickle.loads(payload)
+                inputs, *rest = pickle.loads(payload)
                 inputs = {k: v.to(model.device, model.dtype) if torch.is_tensor(v) and v.is_floating_point()
                           else v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
                 request = Request(int(line), str(custom_id), None)
-                refused = driver.submit(request, inputs, params, prompt_tokens)
+                refused = driver.submit(request, inputs, *rest)
                 record = dumps(refused) if refused is not None else None
             index[str(custom_id)] = len(records)
             records.append(record)
