@@ -299,51 +299,64 @@ def _max_num_seqs(engine) -> int:
     return int(getattr(config, "max_num_seqs", 0) or 32)
 
 
+@dataclass
+class Running:
+    """A request handed to the engine, and the records it can end with."""
+
+    request: Request
+    request_id: str
+    prompt_tokens: int
+    copies: int = 1
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def answered(self, out, model_name: str) -> tuple[dict, int]:
+        body = completion_body(out, self.request_id, model_name, self.prompt_tokens, self.created, self.copies)
+        return answer_record(self.request.custom_id, self.request_id, body), body["usage"]["completion_tokens"]
+
+    def refused(self, error: Exception) -> dict:
+        """The engine would not take it (settings it can't run, e.g. more KV cache than it holds)."""
+        from onevision.server.errors import APIError
+
+        return error_record(self.request.line, self.request.custom_id, APIError(
+            f"the request could not be run: {error}", code="invalid_value"), self.request_id)
+
+    def failed(self) -> dict:
+        from onevision.server.errors import Internal
+
+        return error_record(self.request.line, self.request.custom_id, Internal(
+            f"internal error during generation (request_id={self.request_id})", code="generation_failed"),
+            self.request_id)
+
+
 class Driver:
-    """Requests into an engine, finished records out. A request the engine refuses, or one in a step that
-    fails, gets an error record; the job goes on."""
+    """Requests into an engine (driven on this thread), finished records out. A request the engine refuses, or
+    one in a step that fails, gets an error record; the job goes on."""
 
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
-        self.running: dict[str, tuple[Request, int, int, int]] = {}
+        self.running: dict[str, Running] = {}
 
     def submit(self, request: Request, inputs, params, prompt_tokens: int, copies: int = 1) -> dict | None:
         """Hand the request to the engine; -> an error record if it refuses it, else None."""
-        from onevision.server.errors import APIError
-
-        request_id = new_id("req-")
+        job = Running(request, new_id("req-"), prompt_tokens, copies)
         try:
-            self.engine.add_request(request_id, inputs, params)
-        except (ValueError, TypeError) as e:  # settings the engine can't run
-            return error_record(request.line, request.custom_id, APIError(
-                f"the request could not be run: {e}", code="invalid_value"), request_id)
-        self.running[request_id] = (request, prompt_tokens, int(time.time()), copies)
+            self.engine.add_request(job.request_id, inputs, params)
+        except (ValueError, TypeError) as e:
+            return job.refused(e)
+        self.running[job.request_id] = job
         return None
 
     def step(self) -> list[tuple[dict, int]]:
         """One engine step -> (record, completion tokens) of each request that finished."""
-        from onevision.server.errors import Internal
-
         try:
             outputs = self.engine.step()
         except Exception:  # a failed step takes the requests in it down, not the job
-            log.exception("engine step failed")
-            failed = []
-            for request_id, (request, *_) in self.running.items():
-                _abort(self.engine, request_id)
-                failed.append((error_record(request.line, request.custom_id, Internal(
-                    f"internal error during generation (request_id={request_id})", code="generation_failed"),
-                    request_id), 0))
-            self.running.clear()
+            log.exception("engine step failed; %d request(s) get error records", len(self.running))
+            failed = [(job.failed(), 0) for job in self.running.values()]
+            self.abort_all()
             return failed
-        finished = []
-        for out in outputs:
-            if out.finished and out.request_id in self.running:
-                request, prompt_tokens, created, copies = self.running.pop(out.request_id)
-                body = completion_body(out, out.request_id, self.model_name, prompt_tokens, created, copies)
-                finished.append((answer_record(request.custom_id, out.request_id, body),
-                                 body["usage"]["completion_tokens"]))
-        return finished
+        return [self.running.pop(out.request_id).answered(out, self.model_name) for out in outputs
+                if out.finished and out.request_id in self.running]
 
     def abort_all(self) -> None:
         for request_id in self.running:
@@ -408,4 +421,4 @@ def _abort(engine, request_id: str) -> None:
         pass
 
 
-__all__ = ["Driver", "ModelFacts", "State", "Summary", "build", "completion_body", "run"]
+__all__ = ["Driver", "Running", "ModelFacts", "State", "Summary", "build", "completion_body", "run"]

@@ -4,8 +4,8 @@
       -> ray.data.from_items
       -> map_batches(PrepareStage)  CPU actors: the server's schema/checks, media decoding, chat template,
                                     tokenizing -> model inputs (no weights loaded)
-      -> map_batches(EngineStage)   `replicas` actors, one Engine each (`num_cpus` / `num_gpus` per actor):
-                                    every row of a batch goes into the engine's continuous batching at once
+      -> map_batches(EngineStage)   `replicas` actors, one Engine each (`num_cpus` / `num_gpus` per actor);
+                                    up to `batches_per_replica` batches share its continuous batching
       -> records, appended and flushed on the driver as they arrive (any order, like the local run)
 
 A row that fails becomes an error record in its stage; no row can take an actor down.
@@ -17,8 +17,8 @@ import json
 import pickle
 from typing import Any
 
-from onevision.batch import Driver, ModelFacts, State, build, load_engine
-from onevision.batch.records import Request, dumps, error_record
+from onevision.batch import ModelFacts, Running, State, build, load_engine
+from onevision.batch.records import Request, dumps, error_record, new_id
 
 INSTALL = 'pip install "onevision[ray]"'
 
@@ -66,49 +66,73 @@ class PrepareStage:
 
 
 class EngineStage:
-    """Engine stage: one Engine per actor; a batch's requests run together, its records come back."""
+    """Engine stage: one Engine per actor, run on its own thread (AsyncEngine). Ray calls the actor with up to
+    `max_concurrency` batches at once; every batch's requests go into the same continuous batching, and each call
+    returns its batch's records when they are all done."""
 
     def __init__(self, model: str, model_name: str, dtype: str, device: str, quantize: str | None,
                  revision: str | None, engine_kwargs: dict):
         import torch
 
+        from onevision.engine.async_engine import AsyncEngine
+
         if device == "auto":  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        hub = {"revision": revision} if revision else {}
-        self.engine = load_engine(model, dtype=dtype, device=device, quantize=quantize, **hub, **engine_kwargs)
-        self.model_name = model_name
+        engine = load_engine(model, dtype=dtype, device=device, quantize=quantize, revision=revision,
+                             **engine_kwargs)
+        self.model, self.model_name = engine.model, model_name
+        self.engine = AsyncEngine(engine)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import threading
+
         import torch
 
-        model = self.engine.model
-        driver = Driver(self.engine, self.model_name)
-        records, tokens, index = [], [], {}
+        model = self.model
+        records: list[str | None] = []
+        tokens: list[int] = []
+        lock, left, all_done = threading.Lock(), [0], threading.Event()
+
+        def sink_for(i: int, job: Running):
+            def sink(out) -> None:  # on the engine thread
+                if isinstance(out, BaseException):
+                    record, count = (job.refused(out) if isinstance(out, (ValueError, TypeError))
+                                     else job.failed()), 0
+                elif out.finished:
+                    record, count = job.answered(out, self.model_name)
+                else:
+                    return
+                with lock:
+                    records[i], tokens[i] = dumps(record), count
+                    left[0] -= 1
+                    if left[0] == 0:
+                        all_done.set()
+            return sink
+
+        jobs = []
         for line, custom_id, payload, record in zip(batch["line"], batch["custom_id"], batch["payload"],
                                                     batch["record"]):
+            records.append(record or None)
+            tokens.append(0)
             if not record:
-                inputs, *rest = pickle.loads(payload)
+                inputs, params, prompt_tokens, copies = pickle.loads(payload)
                 inputs = {k: v.to(model.device, model.dtype) if torch.is_tensor(v) and v.is_floating_point()
                           else v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-                request = Request(int(line), str(custom_id), None)
-                refused = driver.submit(request, inputs, *rest)
-                record = dumps(refused) if refused is not None else None
-            index[str(custom_id)] = len(records)
-            records.append(record)
-            tokens.append(0)
-        try:
-            while driver.running:
-                for done, count in driver.step():
-                    i = index[done["custom_id"]]
-                    records[i], tokens[i] = dumps(done), count
-        finally:
-            driver.abort_all()
+                job = Running(Request(int(line), str(custom_id), None), new_id("req-"), prompt_tokens, copies)
+                jobs.append((len(records) - 1, job, inputs, params))
+        left[0] = len(jobs)
+        if not jobs:
+            return {"record": records, "tokens": tokens}
+        for i, job, inputs, params in jobs:
+            self.engine.add(job.request_id, inputs, params, sink_for(i, job))
+        all_done.wait()
         return {"record": records, "tokens": tokens}
 
 
 def run_ray(items, writer, *, model: str, config, model_name: str, dtype: str, device: str, quantize: str | None,
             revision: str | None, engine_kwargs: dict, address: str | None, replicas: int, num_cpus: float,
-            num_gpus: float, prepare_workers: int, prepare_cpus: float, batch_size: int) -> None:
+            num_gpus: float, prepare_workers: int, prepare_cpus: float, batch_size: int,
+            batches_per_replica: int = 4) -> None:
     ray = require_ray()
     rows = [{"line": r.line, "custom_id": r.custom_id, "body": json.dumps(r.body)} for r in items]
     if not rows:
@@ -121,11 +145,15 @@ def run_ray(items, writer, *, model: str, config, model_name: str, dtype: str, d
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(PrepareStage, fn_constructor_kwargs=dict(model=model, config=config, dtype=dtype,
                                                                    revision=revision),
-                        batch_size=batch_size, concurrency=prepare_workers, num_cpus=prepare_cpus)
+                        batch_size=batch_size, num_cpus=prepare_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=prepare_workers))
     ds = ds.map_batches(EngineStage, fn_constructor_kwargs=dict(model=model, model_name=model_name, dtype=dtype,
                                                                   device=device, quantize=quantize,
                                                                   revision=revision, engine_kwargs=engine_kwargs),
-                        batch_size=batch_size, concurrency=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+                        batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus,
+                        compute=ray.data.ActorPoolStrategy(
+                            size=replicas, max_tasks_in_flight_per_actor=batches_per_replica,
+                            max_concurrent_calls_per_actor=batches_per_replica, enable_true_multi_threading=True))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for record, tokens in zip(batch["record"], batch["tokens"]):
             writer.put(json.loads(record), int(tokens))
