@@ -166,13 +166,16 @@ def shared_model(folder: Path):
 
 
 def start_server(folder: Path, **settings) -> ServerThread:
-    """ServerThread for an app over the shared model; ServerConfig fields and MediaLimits fields as keywords."""
+    """ServerThread for an app over the shared model; ServerConfig, MediaLimits and EngineConfig fields as
+    keywords."""
+    from onevision.engine import EngineConfig
     from onevision.server.app import ServerConfig, create_app
     from onevision.server.media import MediaLimits
 
     fetcher = settings.pop("fetcher", None)
     media_keys = set(MediaLimits.__dataclass_fields__)
     media = MediaLimits(**{k: settings.pop(k) for k in list(settings) if k in media_keys})
+    engine = EngineConfig(**{k: settings.pop(k) for k in list(settings) if k in EngineConfig.__dataclass_fields__})
     model, processor = shared_model(folder)
-    config = ServerConfig(**{"model_name": "tiny", **settings}, media=media)
+    config = ServerConfig(**{"model_name": "tiny", **settings}, media=media, engine=engine)
     return ServerThread(create_app(model, processor, config, fetcher=fetcher))

@@ -64,7 +64,7 @@ def test_eight_concurrent_clients(ckpt):
 
 
 def test_queue_overflow_gets_503_and_nobody_hangs(ckpt):
-    with start_server(ckpt, max_queue=1) as srv:
+    with start_server(ckpt, max_queue=1, max_num_seqs=1) as srv:
         url = srv.url + "/v1/chat/completions"
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, url, json=_long(600), timeout=120)
@@ -87,7 +87,7 @@ def test_queue_overflow_gets_503_and_nobody_hangs(ckpt):
 
 
 def test_disconnect_mid_stream_frees_the_slot(ckpt):
-    with start_server(ckpt, max_queue=0) as srv:
+    with start_server(ckpt, max_queue=0, max_num_seqs=1) as srv:
         url = srv.url + "/v1/chat/completions"
         cancelled = srv.engine.cancelled
         with httpx.Client(timeout=60) as client, client.stream("POST", url, json=_long(3000, stream=True)) as r:
@@ -104,7 +104,7 @@ def test_disconnect_mid_stream_frees_the_slot(ckpt):
 
 
 def test_disconnect_while_waiting_for_a_full_answer(ckpt):
-    with start_server(ckpt, max_queue=1) as srv:
+    with start_server(ckpt, max_queue=1, max_num_seqs=1) as srv:
         url = srv.url + "/v1/chat/completions"
         cancelled = srv.engine.cancelled
         with pytest.raises(httpx.ReadTimeout):
@@ -138,16 +138,15 @@ def test_event_loop_stays_responsive_during_generation(ckpt):
 
 
 def test_internal_errors_carry_only_a_request_id(ckpt, monkeypatch):
-    import onevision.generation.generate as generate_module
+    import onevision.engine.runner as runner_module
     import onevision.server.chat as chat_module
 
-    def broken_steps(*args, **kwargs):
+    def broken_step(*args, **kwargs):
         raise RuntimeError("secret detail /srv/internal/path")
-        yield  # pragma: no cover
 
     with start_server(ckpt) as srv:
         url = srv.url + "/v1/chat/completions"
-        monkeypatch.setattr(generate_module, "generate_steps", broken_steps)
+        monkeypatch.setattr(runner_module.ModelRunner, "execute", broken_step)
         r = httpx.post(url, json=_body(), timeout=60)
         assert r.status_code == 500
         error = r.json()["error"]

@@ -51,19 +51,6 @@ def _positive_float(text: str) -> float:
 
 
 _positive_int, _nonneg_int = _int_in(1), _int_in(0)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30}
-
-
-def _memory_size(text: str) -> int:
-    """argparse type: a size in bytes, with an optional unit (512MiB, 4GiB, 2GB, 1000000)."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match and _UNITS.get(match.group(2).lower())
-    if not match or unit is None or float(match.group(1)) * unit < 1:
-        raise argparse.ArgumentTypeError(f"expected a size like 512MiB, 4GiB or a number of bytes, got {text!r}")
-    return int(float(match.group(1)) * unit)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +63,49 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only int8/int4 (torchao's configs, packed CPU kernels; bf16 activations; needs "
                         "torchao: pip install 'onevision[cpu]')")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+               "G": 10**9, "GB": 10**9, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """'4GiB', '512MB', '1.5G' or a number of bytes."""
+    t = text.strip().upper()
+    number = t.rstrip("BKMGI")
+    unit = t[len(number):]
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB, 512MB or 1000000 (bytes), got {text!r}"
+                                         ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size >= 0, got {text!r}")
+    return value
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """The serving engine's knobs (vLLM's names)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences decoded together (default 16)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
+                   help="new tokens per engine step; decodes first, then prompt chunks (default 256: lower keeps "
+                        "streams smoother while long prompts are read, higher reads prompts faster)")
+    g.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory for the KV cache, e.g. 2GiB (default: a quarter of free memory, at most 4 GiB, on "
+                        "CPU; 80%% of free memory on CUDA)")
+    g.add_argument("--vision-cache-memory", type=_size, default=512 << 20, metavar="SIZE",
+                   help="memory for vision features kept by image content, e.g. 512MiB (default); 0 turns it off")
+    g.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV of earlier requests that share a prefix")
+
+
+def engine_config(args: argparse.Namespace):
+    from onevision.engine import EngineConfig
+
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory or None, vision_cache_memory=args.vision_cache_memory,
+                        enable_prefix_caching=args.prefix_caching)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None, help="seed for sampling")
     chat.add_argument("--verbose", action="store_true",
                       help="after each answer print 'N tokens, X tok/s, TTFT Y s' on stderr (like ollama run --verbose)")
+    _engine_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     _model_args(serve)
@@ -115,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote-media", action="store_true",
                        help="allow http(s) media URLs (public addresses only; redirects re-checked)")
     serve.add_argument("--max-queue", type=_nonneg_int, default=64,
-                       help="requests that may wait beyond the running one(s); more get 503 (default 64)")
+                       help="requests that may wait beyond the --max-num-seqs running ones; more get 503 (default 64)")
     serve.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
     serve.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
     serve.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
@@ -131,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--docs", action="store_true",
                        help="serve the interactive API page at /docs (assets served locally, works offline)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _engine_args(serve)
     _batch_args(sub)
     return parser
 
@@ -159,19 +191,12 @@ def _batch_args(sub) -> None:
     batch.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
     batch.add_argument("--default-max-tokens", type=_positive_int, default=1024,
                        help="completion limit when a request sets none (default 1024, capped by the context)")
-    batch.add_argument("--max-num-seqs", type=_positive_int, default=None,
-                       help="sequences the engine runs at once (default: the engine's)")
-    batch.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
-                       help="tokens per engine step (default: the engine's)")
-    batch.add_argument("--kv-cache-memory", type=_memory_size, default=None, metavar="SIZE",
-                       help="KV cache size per engine, e.g. 4GiB (default: a share of free memory)")
-    batch.add_argument("--vision-cache-memory", type=_memory_size, default=None, metavar="SIZE",
-                       help="vision features kept by content hash per engine, e.g. 512MiB (default: the engine's)")
     batch.add_argument("--max-in-flight", type=_positive_int, default=None,
                        help="requests prepared and in the engine at once (default 2 x max-num-seqs)")
     batch.add_argument("--media-threads", type=_positive_int, default=4,
                        help="threads decoding media and building inputs ahead of the engine (default 4)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _engine_args(batch)
     ray = batch.add_argument_group("Ray (pip install 'onevision[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (a local Ray cluster unless "
                      "--ray-address)")
@@ -226,14 +251,19 @@ def load(args: argparse.Namespace):
 
 # --------------------------------------------------------------------------- chat
 class ChatSession:
-    """A conversation with its media, rendered and run with the Python API."""
+    """A conversation with its media, run on the engine: a follow-up turn finds the earlier turns' KV in the
+    prefix cache and their images in the vision cache, so it costs only its new tokens."""
 
     def __init__(self, model, processor, args: argparse.Namespace):
+        from onevision.engine import Engine
+
         self.model, self.processor, self.args = model, processor, args
+        self.engine = Engine(model, processor, engine_config(args))
         self.messages: list[dict[str, Any]] = []
         self.images: list[Any] = []
         self.videos: list[Any] = []
         self.pending: list[tuple[str, Any]] = []
+        self.turns = 0
         if args.system:
             self.messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
 
@@ -252,8 +282,22 @@ class ChatSession:
         self.messages = self.messages[:1] if self.args.system else []
         self.images, self.videos, self.pending = [], [], []
 
+    def sampling_params(self):
+        from onevision.engine import SamplingParams
+
+        args = self.args
+        settings: dict[str, Any] = {"max_tokens": args.max_new_tokens, "temperature": max(args.temperature, 0.0),
+                                    "seed": args.seed}
+        if args.temperature > 0:
+            gen = self.model.generation_config
+            settings.update(top_p=args.top_p if args.top_p is not None else gen.top_p,
+                            top_k=args.top_k if args.top_k is not None else (gen.top_k or 0))
+        if args.repetition_penalty is not None:
+            settings["repetition_penalty"] = args.repetition_penalty
+        return SamplingParams(**settings)
+
     def ask(self, prompt: str, out=None) -> str:
-        """Stream the answer to `out` (stdout) and remember the turn."""
+        """Stream the answer to `out` (stdout) and remember the turn; Ctrl-C aborts the request in the engine."""
         out = out or sys.stdout
         content = [{"type": kind} for kind, _ in self.pending] + [{"type": "text", "text": prompt}]
         images = self.images + [m for k, m in self.pending if k == "image"]
@@ -262,21 +306,23 @@ class ChatSession:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=text, images=[images] if images else None, videos=videos or None,
                                 return_tensors="pt").to(self.model.device, self.model.dtype)
-        args = self.args
-        kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-        if args.temperature > 0:
-            kwargs.update(temperature=args.temperature, seed=args.seed)
-            if args.top_p is not None:
-                kwargs["top_p"] = args.top_p
-            if args.top_k is not None:
-                kwargs["top_k"] = args.top_k
-        if args.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = args.repetition_penalty
-        pieces = []
-        for piece in self.model.stream(**inputs, processor=self.processor, **kwargs):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
+        self.turns += 1
+        request_id = f"turn-{self.turns}"
+        self.engine.add_request(request_id, inputs, self.sampling_params())
+        pieces: list[str] = []
+        try:
+            done = False
+            while not done:
+                for result in self.engine.step():
+                    piece = result.outputs[0].delta
+                    if piece:
+                        pieces.append(piece)
+                        out.write(piece)
+                        out.flush()
+                    done = done or result.finished
+        except BaseException:
+            self.engine.abort(request_id)
+            raise
         out.write("\n")
         out.flush()
         answer = "".join(pieces)
@@ -457,7 +503,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
-                          web=not args.no_web, docs=args.docs)
+                          web=not args.no_web, docs=args.docs, engine=engine_config(args))
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 
@@ -506,8 +552,9 @@ def run_batch(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
     config = ServerConfig(model_name=args.served_model_name, media=limits, max_images=args.max_images,
                           max_videos=args.max_videos, max_n=args.max_n, default_max_tokens=args.default_max_tokens)
-    engine_kwargs = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                                                   "vision_cache_memory") if getattr(args, k) is not None}
+    import dataclasses
+
+    engine_kwargs = dataclasses.asdict(engine_config(args))
     use_ray = args.ray or args.ray_address is not None
     if not use_ray and device == "auto":
         import torch

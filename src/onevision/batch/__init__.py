@@ -32,13 +32,15 @@ class State:
     """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher.
     `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights)."""
 
-    def __init__(self, model, processor, config, fetcher=None):
+    def __init__(self, model, processor, config, fetcher=None, engine=None):
         from onevision.server.media import RemoteFetcher
 
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = processor.tokenizer
         self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
         self.context = int(model.config.text_config.max_position_embeddings)
+        if engine is not None:  # a request must fit the context and the KV pool (like the server's state)
+            self.context = min(engine.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
         self.placeholders = [processor.image_token, processor.video_token]
 
 
@@ -84,24 +86,8 @@ def build(request: Request, state: State):
         raise unknown_model(body.model, [names])
     chat.check_request(body, state)
     inputs, params, prompt_tokens = chat.prepare(body, state)
-    params, copies = _interim_params(params, body)  # TEMPORARY until the server's prepare returns SamplingParams
+    copies = (body.n or 1) if params.greedy else 1  # greedy answers are identical: run once (like the server)
     return inputs, params, prompt_tokens, copies
-
-
-def _interim_params(plan, body):
-    """TEMPORARY: the server's generate plan -> engine SamplingParams, and how many copies of a greedy answer
-    the body's n asks for. Goes away when the server's prepare returns SamplingParams itself."""
-    from onevision.engine import SamplingParams
-
-    if isinstance(plan, SamplingParams):
-        return plan, 1
-    cfg, n = plan.cfg, body.n or 1
-    common = dict(max_tokens=plan.max_new, min_tokens=cfg.min_new_tokens or 0,
-                  repetition_penalty=cfg.repetition_penalty, stop=list(plan.stop_strings), seed=body.seed)
-    if not cfg.do_sample:
-        return SamplingParams(n=1, temperature=0.0, **common), n
-    return SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0,
-                          min_p=cfg.min_p or 0.0, **common), 1
 
 
 def completion_body(output, request_id: str, model_name: str, prompt_tokens: int, created: int,
@@ -274,7 +260,7 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
             if engine is None:
                 engine = load_engine(model, dtype=dtype, device=device, quantize=quantize, revision=revision,
                                      **(engine_kwargs or {}))
-            state = State(engine.model, engine.processor, config, fetcher)
+            state = State(engine.model, engine.processor, config, fetcher, engine)
             limit = max_in_flight or 2 * _max_num_seqs(engine)
             run_local(requests(input, done, writer), writer, engine, state, model_name, limit, media_threads)
     finally:

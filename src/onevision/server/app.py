@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onevision.server import chat
-from onevision.server.engine import Engine
+from onevision.engine import Engine, EngineConfig
+from onevision.server.engine import ServingEngine
 from onevision.server.docs import add_docs
 from onevision.server.errors import APIError, AuthError, InvalidRequest, NotFound, PayloadTooLarge, unknown_model
 from onevision.server.media import MediaLimits, RemoteFetcher
@@ -45,7 +46,8 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_queue: int = 64
     docs: bool = False  # /docs (Swagger UI, assets served locally); off by default like a production server
-    workers: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batching, KV and vision cache sizes
+    metrics: bool = True  # GET /metrics (Prometheus text format)
     media_threads: int = 4
     web: bool = True  # the chat page at GET / (server/web/)
 
@@ -183,9 +185,11 @@ class _State:
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = processor.tokenizer
         self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
-        self.engine = Engine(model, self.tokenizer, max_queue=config.max_queue, workers=config.workers)
+        core = Engine(model, processor, config.engine)
+        self.engine = ServingEngine(core, max_queue=config.max_queue)
         self.pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="onevision-media")
-        self.context = int(model.config.text_config.max_position_embeddings)
+        # a request must fit the context and the KV pool (the engine refuses more; this says so with a 400)
+        self.context = min(core.max_model_len, core.blocks.num_blocks * core.blocks.block_size)
         self.created = int(time.time())
         self.placeholders = [processor.image_token, processor.video_token]
 
@@ -249,6 +253,17 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
                 "waiting": engine.waiting}
         return JSONResponse(body, status_code=503 if engine.draining else 200)
 
+    if config.metrics:
+        from fastapi.responses import PlainTextResponse
+
+        from onevision.engine.metrics import prometheus_text
+
+        @app.get("/metrics", response_class=PlainTextResponse)
+        async def metrics():
+            """Engine state in the Prometheus text format, under vLLM's metric names."""
+            text = prometheus_text(state.engine.engine.engine.metrics, state.engine.snapshot(), config.model_name)
+            return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models", response_model=ModelList)
     async def models():
         return ModelList(data=[ModelCard(id=config.model_name, created=state.created, max_model_len=state.context)])
@@ -269,10 +284,10 @@ def create_app(model, processor, config: ServerConfig | None = None, *, fetcher:
         slot = state.engine.acquire()
         try:
             loop = asyncio.get_running_loop()
-            inputs, plan, prompt_tokens = await loop.run_in_executor(state.pool, chat.prepare, body, state)
-            greedy = not plan.cfg.do_sample
+            inputs, params, prompt_tokens = await loop.run_in_executor(state.pool, chat.prepare, body, state)
+            greedy = params.greedy
             n = body.n or 1
-            job = state.engine.submit(slot, inputs, plan, 1 if greedy else n, request_id)
+            job = state.engine.submit(slot, inputs, params, 1 if greedy else n, request_id, prompt_tokens)
         except BaseException:
             slot.release()
             raise

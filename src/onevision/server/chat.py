@@ -1,5 +1,5 @@
 """One chat completion, after the app has parsed and authenticated it: cheap checks, then (in a thread pool)
-media -> prompt ids -> context check -> generation plan, then the answer as JSON or as server-sent events.
+media -> prompt ids -> context check -> sampling parameters, then the answer as JSON or as server-sent events.
 Only `create_app` (app.py) calls these; they never run model or media work on the event loop."""
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def check_request(body: ChatCompletionRequest, state) -> None:
 
 
 def prepare(body: ChatCompletionRequest, state):
-    """[thread pool] media -> conversation -> prompt ids -> context check -> generation plan."""
-    from onevision.generation.generate import _plan
+    """[thread pool] media -> conversation -> prompt ids -> context check -> (inputs, SamplingParams, prompt
+    tokens) for the engine."""
     from onevision.processing import ProcessingError
 
     config = state.config
@@ -141,46 +141,41 @@ def prepare(body: ChatCompletionRequest, state):
     if body.min_tokens and body.min_tokens > max_new:
         raise InvalidRequest(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({max_new})",
                              param="min_tokens", code="invalid_value")
-    kwargs = generation_kwargs(body, state.model, max_new)
     model = state.model
-    inputs = inputs.to(model.device)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(model.dtype)
-    seed = None if body.seed is None else body.seed % 2**63
     try:
-        plan = _plan(model, inputs["input_ids"], None, state.tokenizer, seed, None, kwargs)
-    except (ValueError, TypeError) as e:
+        params = sampling_params(body, model, max_new)
+    except ValueError as e:
         raise InvalidRequest(f"invalid generation settings: {e}", code="invalid_value") from None
-    return dict(inputs), plan, prompt_tokens
+    return dict(inputs), params, prompt_tokens
 
 
-def generation_kwargs(body: ChatCompletionRequest, model, max_new: int) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new}
-    default_sample = bool(getattr(model.generation_config, "do_sample", False))
+def sampling_params(body: ChatCompletionRequest, model, max_new: int):
+    """The request's settings over the checkpoint's generation config, as transformers' generate() merges them
+    (a left-out temperature means the checkpoint's default: greedy for the llava-hf checkpoints; a sampled
+    request without top_k gets the config's top_k, 50 by default). Greedy requests with n > 1 run once."""
+    from onevision.engine import SamplingParams
+
+    gen = model.generation_config
     # like vLLM, a temperature below 1e-5 means greedy (dividing logits by it would overflow)
-    sample = default_sample if body.temperature is None else body.temperature >= 1e-5
-    kwargs["do_sample"] = sample
+    sample = bool(getattr(gen, "do_sample", False)) if body.temperature is None else body.temperature >= 1e-5
+    settings: dict[str, Any] = {"max_tokens": max_new, "min_tokens": body.min_tokens or 0,
+                                "repetition_penalty": body.repetition_penalty if body.repetition_penalty is not None
+                                else gen.repetition_penalty,
+                                "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+                                "seed": None if body.seed is None else body.seed % 2**63}
     if sample:
-        if body.temperature is not None:
-            kwargs["temperature"] = body.temperature
-        if body.top_p is not None:
-            kwargs["top_p"] = body.top_p
-        if body.top_k is not None:
-            kwargs["top_k"] = max(body.top_k, 0)
-        if body.min_p is not None:
-            kwargs["min_p"] = body.min_p
-        if (body.n or 1) > 1:
-            kwargs["num_return_sequences"] = body.n
+        settings.update(
+            n=body.n or 1,
+            temperature=gen.temperature if body.temperature is None else body.temperature,
+            top_p=gen.top_p if body.top_p is None else body.top_p,
+            top_k=(gen.top_k or 0) if body.top_k is None else max(body.top_k, 0),
+            min_p=(gen.min_p or 0.0) if body.min_p is None else body.min_p)
     else:  # settings that only shape sampling are dropped for greedy decoding
-        kwargs.update(temperature=1.0, top_p=1.0, min_p=None)
-    if body.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = body.repetition_penalty
-    if body.min_tokens:
-        kwargs["min_new_tokens"] = body.min_tokens
-    if body.stop:
-        kwargs["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-    return kwargs
+        settings["temperature"] = 0.0
+    return SamplingParams(**settings)
 
 
 # --------------------------------------------------------------------------- answering
@@ -307,4 +302,4 @@ class SSEResponse(Response):
                 return
 
 
-__all__ = ["SSEResponse", "check_request", "complete", "generation_kwargs", "prepare", "sse_events"]
+__all__ = ["SSEResponse", "check_request", "complete", "prepare", "sampling_params", "sse_events"]

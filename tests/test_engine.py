@@ -1,0 +1,254 @@
+"""The engine against the reference: every request's greedy tokens through continuous batching (chunked prefill,
+preemption, prefix and vision cache hits, staggered arrivals, aborts) equal transformers' generate on that
+request alone; engine logits equal transformers' forward at every decode step.
+
+Run: .venv/bin/python -m pytest tests/test_engine.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _processing_helpers import photo
+from onevision.engine import Engine, EngineConfig, SamplingParams
+from onevision.engine.blocks import BlockManager, block_hashes
+
+KW = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def processors(tiny_ckpt):
+    from transformers import AutoProcessor as RefProcessor
+
+    from onevision import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_ckpt), RefProcessor.from_pretrained(tiny_ckpt)
+
+
+def frames(n=4, seed=0):
+    return list(np.random.default_rng(seed).integers(0, 256, (n, 48, 64, 3), dtype=np.uint8))
+
+
+def user(*parts, text="What is shown here?"):
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def image(name):
+    return {"type": "image", "image": photo(name)}
+
+
+WORKLOAD = {
+    "text": [user(text="Tell me a long story about a dragon and a knight.")],
+    "short": [user(text="Hi")],
+    "photo": [user(image("cat.jpg"))],
+    "wide": [user(image("coffee.jpg"), text="Describe it.")],
+    "gray": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, user(image("camera_gray.png"))],
+    "two_photos": [user(image("rocket.jpg"), image("cat.jpg"), text="Compare them.")],
+    "video": [user({"type": "video", "video": frames()}, text="What happens?")],
+    "photo_and_video": [user(image("logo_rgba.png"), {"type": "video", "video": frames(3, 1)})],
+}
+LENGTHS = {"text": 40, "short": 5, "photo": 24, "wide": 12, "gray": 30, "two_photos": 20, "video": 16,
+           "photo_and_video": 8}
+
+
+def reference_tokens(reference_model, ref_processor, conversation, max_new):
+    inputs = ref_processor.apply_chat_template(conversation, **KW)
+    out = reference_model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def expected(reference_model, processors):
+    return {name: reference_tokens(reference_model, processors[1], conv, LENGTHS[name])
+            for name, conv in WORKLOAD.items()}
+
+
+def run(engine, requests, arrivals=None, abort=None):
+    """requests: {id: (inputs, params)}; arrivals: {id: step at which it is added}; abort: {id: step}.
+    Returns {id: final RequestOutput} and the number of steps."""
+    arrivals = arrivals or {}
+    done, step = {}, 0
+    pending = dict(requests)
+    while pending or engine.has_unfinished():
+        for rid in [r for r in pending if arrivals.get(r, 0) <= step]:
+            engine.add_request(rid, *pending.pop(rid))
+        for rid, at in (abort or {}).items():
+            if at == step and rid in engine.requests:
+                done[rid] = engine.abort(rid)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+        assert step < 5000
+    return done, step
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0)
+
+
+@pytest.mark.parametrize("config", [
+    dict(max_num_batched_tokens=2048),  # whole prompts at once
+    dict(max_num_batched_tokens=24, max_num_seqs=3),  # chunked prefill, few sequences at a time
+    dict(max_num_batched_tokens=40, kv_cache_memory=None, block_size=8),  # preemption (sized below)
+], ids=["plain", "chunked", "preempting"])
+def test_mixed_workload_equals_reference(config, our_model, processors, expected):
+    ours = processors[0]
+    config = dict(config)
+    if "kv_cache_memory" in config:  # room for ~1.5 of the largest requests: preemption must happen
+        text = our_model.config.text_config
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+        config["kv_cache_memory"] = 420 * per_token
+    engine = Engine(our_model, ours, EngineConfig(**config))
+    requests = {name: (ours.apply_chat_template(conv, **KW), greedy(LENGTHS[name])) for name, conv in WORKLOAD.items()}
+    arrivals = {name: 3 * i for i, name in enumerate(WORKLOAD)}  # staggered: join a running batch
+    requests["leaver"] = (ours.apply_chat_template(WORKLOAD["photo"], **KW), greedy(200))
+    done, _ = run(engine, requests, arrivals, abort={"leaver": 12})
+    for name in WORKLOAD:
+        assert done[name].outputs[0].token_ids == expected[name], name
+        assert done[name].outputs[0].finish_reason in ("length", "stop")
+    assert done["leaver"].outputs[0].finish_reason == "abort"
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # nothing leaked, the leaver's blocks included
+    if "kv_cache_memory" in config:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_logits_equal_reference_forward_at_every_step(our_model, reference_model, processors):
+    ours = processors[0]
+    engine = Engine(our_model, ours, EngineConfig(max_num_batched_tokens=32))
+    seen = []
+    engine.runner.logits_hook = lambda seqs, logits: seen.extend(
+        (list(s.token_ids), logits[i].clone()) for i, s in enumerate(seqs))
+    requests = {n: (ours.apply_chat_template(WORKLOAD[n], **KW), greedy(6)) for n in ("photo", "video", "text")}
+    done, _ = run(engine, requests)
+    media = {n: {k: v for k, v in requests[n][0].items() if k not in ("input_ids", "attention_mask")}
+             for n in requests}
+    checked = 0
+    for tokens, logits in seen:
+        name = next(n for n in requests if tokens[:requests[n][0]["input_ids"].shape[1]] ==
+                    requests[n][0]["input_ids"][0].tolist())
+        with torch.no_grad():
+            ref = reference_model(input_ids=torch.tensor([tokens]), **media[name]).logits[0, -1].float()
+        assert torch.allclose(logits, ref, atol=1e-5, rtol=0), (name, (logits - ref).abs().max())
+        checked += 1
+    assert checked == 18
+
+
+def test_prefix_and_vision_cache_hits_give_the_cold_tokens(our_model, processors, reference_model):
+    ours, ref = processors
+    first = [user(image("cat.jpg"), text="What is this?")]
+    engine = Engine(our_model, ours, EngineConfig())
+    out1, _ = run(engine, {"t1": (ours.apply_chat_template(first, **KW), greedy(12))})
+    answer = out1["t1"].outputs[0].text
+    out1_tiles = engine.runner.encoded_tiles
+    # the client re-sends the whole conversation, its image included (a second image would switch the
+    # checkpoint to multi-image mode, which changes every image's features: a different prefix by design)
+    second = first + [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                      user(text="And what colour is it?")]
+    inputs = ours.apply_chat_template(second, **KW)
+    out2, _ = run(engine, {"t2": (inputs, greedy(10))})
+    t2 = out2["t2"]
+    assert t2.num_cached_tokens >= len(out1["t1"].prompt_token_ids) // 16 * 16 > 0
+    assert engine.runner.encoded_tiles == out1_tiles  # the re-sent image was not encoded again
+    assert t2.outputs[0].token_ids == reference_tokens(reference_model, ref, second, 10)
+    cold = Engine(our_model, ours, EngineConfig(enable_prefix_caching=False, vision_cache_memory=0))
+    out3, _ = run(cold, {"t2": (inputs, greedy(10))})
+    assert out3["t2"].num_cached_tokens == 0 and cold.vision_cache.hits == 0
+    assert out3["t2"].outputs[0].token_ids == t2.outputs[0].token_ids
+
+
+def test_seeded_sampling_alone_equals_batched_and_reference(our_model, reference_model, processors):
+    ours, ref = processors
+    conv = WORKLOAD["photo"]
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.95, seed=1234)
+    alone, _ = run(Engine(our_model, ours), {"a": (ours.apply_chat_template(conv, **KW), params)})
+    others = {f"o{i}": (ours.apply_chat_template(WORKLOAD["text"], **KW),
+                        SamplingParams(max_tokens=20, temperature=1.0, seed=i)) for i in range(3)}
+    batched, _ = run(Engine(our_model, ours), {**others, "a": (ours.apply_chat_template(conv, **KW), params)},
+                     arrivals={"a": 2})
+    assert alone["a"].outputs[0].token_ids == batched["a"].outputs[0].token_ids
+    inputs = ref.apply_chat_template(conv, **KW)
+    torch.manual_seed(1234)
+    out = reference_model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
+    assert alone["a"].outputs[0].token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_n_completions_share_one_prefill(our_model, processors):
+    ours = processors[0]
+    engine = Engine(our_model, ours, EngineConfig(max_num_batched_tokens=4096))
+    inputs = ours.apply_chat_template(WORKLOAD["photo"], **KW)
+    prompt = inputs["input_ids"].shape[1]
+    computed = []
+    engine.runner.logits_hook = lambda seqs, logits: computed.append(len(seqs))
+    done, steps = run(engine, {"n": (inputs, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))})
+    outs = done["n"].outputs
+    assert [o.index for o in outs] == [0, 1, 2] and all(len(o.token_ids) == 8 for o in outs)
+    assert computed[0] == 1 and computed[1] == 3  # one prefill row, then three decoding rows
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert done["n"].prompt_token_ids == inputs["input_ids"][0].tolist() and prompt > 16
+
+
+def test_stop_strings_min_tokens_and_eos(our_model, processors, reference_model):
+    ours, ref = processors
+    conv = WORKLOAD["text"]
+    inputs = ours.apply_chat_template(conv, **KW)
+    full = reference_tokens(reference_model, ref, conv, 30)
+    text = ours.decode(full, skip_special_tokens=True)
+    stop = text[10:13]
+    done, _ = run(Engine(our_model, ours), {"s": (inputs, SamplingParams(max_tokens=30, temperature=0, stop=[stop]))})
+    out = done["s"].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    assert out.token_ids == full[:len(out.token_ids)]
+    eos = full[5]  # pretend the 6th token is the eos: the row ends there, unless min_tokens says otherwise
+    done, _ = run(Engine(our_model, ours), {
+        "e": (inputs, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[eos])),
+        "m": (inputs, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[eos], min_tokens=8))})
+    assert done["e"].outputs[0].token_ids == full[:6] and done["e"].outputs[0].stop_reason == eos
+    assert len(done["m"].outputs[0].token_ids) == 8 and eos not in done["m"].outputs[0].token_ids[:8]
+
+
+def test_bad_requests_are_refused_with_a_reason(our_model, processors):
+    ours = processors[0]
+    engine = Engine(our_model, ours, EngineConfig(kv_cache_memory=1 << 20))
+    inputs = ours.apply_chat_template(WORKLOAD["photo"], **KW)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.add_request("a", inputs, SamplingParams(max_tokens=10**6))
+    with pytest.raises(ValueError, match="more KV cache than the engine holds"):
+        engine.add_request("b", inputs, SamplingParams(max_tokens=3000))
+    broken = dict(inputs)
+    broken["input_ids"] = inputs["input_ids"][:, 5:]  # lost some placeholders
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        engine.add_request("c", broken, SamplingParams())
+    with pytest.raises(ValueError, match="n=2 with greedy"):
+        SamplingParams(n=2, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert not engine.has_unfinished()
+
+
+# --------------------------------------------------------------------------- pure pieces, plain ints
+def test_block_hashes_separate_images_and_chain_prefixes():
+    tokens = [1, 2, 3, 4, 9, 9, 9, 9, 5, 6]
+    a = block_hashes(tokens, [(4, 4, b"image-a")], 4)
+    b = block_hashes(tokens, [(4, 4, b"image-b")], 4)
+    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]  # same placeholders, other image: other block
+    c = block_hashes([7] + tokens[1:], [(4, 4, b"image-a")], 4)
+    assert c[1] != a[1]  # a block's hash depends on everything before it
+
+
+def test_block_manager_reuses_freed_prefixes_lru():
+    bm = BlockManager(4, 16)
+    first = bm.allocate(2)
+    bm.register(first[0], b"h0")
+    bm.register(first[1], b"h1")
+    bm.release(first)
+    assert bm.num_free == 4 and bm.lookup([b"h0", b"h1", b"h2"]) == first
+    bm.take(first[:1])  # a prefix hit takes the cached block back out of the free list
+    assert bm.num_free == 3
+    fresh = bm.allocate(3)  # evicts the other cached block, whose hash is forgotten
+    assert fresh is not None and first[1] in fresh and bm.lookup([b"h0", b"h1"]) == first[:1]
+    assert bm.allocate(1) is None
