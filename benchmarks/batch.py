@@ -100,12 +100,13 @@ def bench(size: str, args) -> list[tuple]:
     rows = []
     print(f"[{size}] transformers loop ...", flush=True)
     seconds, tokens, reference = transformers_loop(folder, requests, args.max_tokens)
-    rows.append((size, "transformers generate, sequential", seconds, tokens, len(requests)))
+    rows.append((size, "transformers generate, sequential", seconds, None, tokens, len(requests)))
     print(f"[{size}] onevision batch ...", flush=True)
     engine = load_engine(str(folder), dtype="float32", device="cpu", **engine_kwargs)
     summary = run(str(source), str(work / "local.jsonl"), engine=engine, config=config, progress=False)
     same = sum(answers(work / "local.jsonl").get(k) == v for k, v in reference.items())
-    rows.append((size, "onevision batch", summary.seconds, summary.completion_tokens, same))
+    rows.append((size, "onevision batch", summary.seconds, summary.first_record_seconds, summary.completion_tokens,
+                 same))
     del engine
     if args.ray:
         import ray
@@ -123,7 +124,7 @@ def bench(size: str, args) -> list[tuple]:
                 seconds = time.perf_counter() - start
                 same = sum(answers(out).get(k) == v for k, v in reference.items())
                 rows.append((size, f"onevision batch --ray, {replicas} replica(s)", seconds,
-                             summary.completion_tokens, same))
+                             summary.first_record_seconds, summary.completion_tokens, same))
         finally:
             ray.shutdown()
     return rows
@@ -150,11 +151,12 @@ def main() -> None:
         rows += bench(size, args)
     print(f"\n{args.requests} requests ({args.image_share:.0%} with a {args.image_size}px image), greedy, max_tokens "
           f"{args.max_tokens}; {torch.get_num_threads()} torch threads; requests/s and generated tokens/s over wall time")
-    print(f"| size | run | seconds | requests/s | tokens/s | same answers as transformers |")
-    print("|---|---|---:|---:|---:|---:|")
-    for size, name, seconds, tokens, same in rows:
-        print(f"| {size} | {name} | {seconds:.1f} | {args.requests / seconds:.2f} | {tokens / seconds:.1f} | "
-              f"{same}/{args.requests} |")
+    print("| size | run | seconds | first record at s | requests/s | tokens/s | same answers as transformers |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for size, name, seconds, first, tokens, same in rows:
+        first = "" if first is None else f"{first:.1f}"
+        print(f"| {size} | {name} | {seconds:.1f} | {first} | {args.requests / seconds:.2f} | "
+              f"{tokens / seconds:.1f} | {same}/{args.requests} |")
 
 
 if __name__ == "__main__":

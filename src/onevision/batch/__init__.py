@@ -116,6 +116,7 @@ class Summary:
     skipped_failed: int = 0  # ... of which error records
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_record_seconds: float | None = None  # when the first record was written (start-up: load, actors)
     repaired_bytes: int = 0  # a torn last line cut off the output file
     output: str = ""
 
@@ -158,6 +159,8 @@ class Writer:
 
     def put(self, record: dict, tokens: int = 0) -> None:
         write(self.f, record)
+        if self.summary.first_record_seconds is None:
+            self.summary.first_record_seconds = time.monotonic() - self.start
         if record["error"] is None:
             self.summary.succeeded += 1
         else:

@@ -14,6 +14,7 @@ A row that fails becomes an error record in its stage; no row can take an actor 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from typing import Any
 
@@ -141,6 +142,7 @@ def run_ray(items, writer, *, model: str, config, model_name: str, dtype: str, d
         ray.init(address=address, **({} if address else {"include_dashboard": False}))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job's own bar (records written) is on stderr
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     blocks = max(1, min(len(rows) // batch_size, 1000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(PrepareStage, fn_constructor_kwargs=dict(model=model, config=config, dtype=dtype,
