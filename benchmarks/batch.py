@@ -96,7 +96,8 @@ def bench(size: str, args) -> list[tuple]:
     source.write_text("".join(json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
                                           "body": b}) + "\n" for c, b, _ in requests))
     config = ServerConfig(model_name=None)
-    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                     "kv_cache_memory": args.kv_cache_mib << 20}
     rows = []
     print(f"[{size}] transformers loop ...", flush=True)
     seconds, tokens, reference = transformers_loop(folder, requests, args.max_tokens)
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine in MiB")
     parser.add_argument("--no-ray", dest="ray", action="store_false")
     parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--ray-batch-size", type=int, default=16)

@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from _server_helpers import MEDIA, data_uri, image_bytes, reference_answer
+from _server_helpers import MEDIA, data_uri, image_bytes, reference_answer, video_bytes
 from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
 
+VIDEO = video_bytes(frames=10)
 CAT = data_uri(image_bytes("cat.jpg"), "image/jpeg")
 ROCKET = data_uri(image_bytes("rocket.jpg"), "image/jpeg")
 
@@ -55,11 +56,14 @@ GOOD = [
     ("image-file", chat(user(image((MEDIA / "rocket.jpg").as_uri()), "Describe."), max_tokens=5), ["rocket.jpg"],
      5),
     ("text-n2", chat(user("Say something."), max_tokens=4, n=2), [], 4),
+    ("video", chat(user({"type": "video_url", "video_url": {"url": data_uri(VIDEO, "video/mp4")}}, "What happens?"),
+                   max_tokens=6), [], 6),
 ]
+FIRST_BAD = len(GOOD) + 1
 
 # raw line -> (custom_id in the record, expected error code, words the message must hold)
 BAD = [
-    ("{not json", None, "invalid_json", ["line 8", "not valid JSON", "custom_id"]),
+    ("{not json", None, "invalid_json", [f"line {FIRST_BAD}", "not valid JSON", "custom_id"]),
     ("[1, 2]", None, "invalid_line", ["expected a JSON object", "got a list"]),
     (json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": chat(user("hi"))}), None,
      "invalid_custom_id", ["custom_id", "missing"]),
@@ -94,7 +98,7 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 
 def mixed_lines() -> list[str]:
     good = [line(cid, body) for cid, body, _, _ in GOOD]
-    return good + [raw for raw, *_ in BAD]  # the first bad line is line len(GOOD) + 1 = 8
+    return good + [raw for raw, *_ in BAD]  # the first bad line is line FIRST_BAD
 
 
 def records(path: Path) -> list[dict]:
@@ -131,15 +135,19 @@ def first_run(engine, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     """transformers' greedy answer to each good request, run alone."""
+    from onevision.processing.media import load_video
+
     out = {}
     for cid, body, images, max_new in GOOD:
         conversation = []
         for m in body["messages"]:
             content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
             conversation.append({"role": m["role"], "content": [
-                {"type": "image"} if c["type"] == "image_url" else c for c in content]})
+                {"type": c["type"].removesuffix("_url")} if c["type"] != "text" else c for c in content]})
         pil = [Image.open(MEDIA / name).convert("RGB") for name in images]
-        out[cid] = reference_answer(tiny_ckpt, conversation, images=pil or None, max_new_tokens=max_new)
+        videos = [load_video(VIDEO, num_frames=8)[0]] if cid == "video" else None  # the server's 8 frames
+        out[cid] = reference_answer(tiny_ckpt, conversation, images=pil or None, videos=videos,
+                                    max_new_tokens=max_new)
     return out
 
 
@@ -169,7 +177,7 @@ def test_bad_lines_get_error_records_and_the_job_goes_on(first_run):
     assert len(errors) == len(BAD) and summary.failed == len(BAD) and not summary.ok and summary.exit_code == 1
     by_line = {r["error"]["line"]: r for r in errors}
     for i, (_, custom_id, code, words) in enumerate(BAD):
-        r = by_line[len(GOOD) + 1 + i]
+        r = by_line[FIRST_BAD + i]
         assert r["custom_id"] == custom_id and r["error"]["code"] == code, (code, r)
         for word in words:
             assert word in r["error"]["message"], (word, r["error"]["message"])

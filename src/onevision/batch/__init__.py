@@ -244,6 +244,9 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
         from onevision.batch.distributed import require_ray
 
         require_ray()  # before anything is read or written
+    elif engine is None:  # before the output is touched: a model that can't load leaves no trace
+        engine = load_engine(model, dtype=dtype, device=device, quantize=quantize, revision=revision,
+                             **(engine_kwargs or {}))
     config = config or ServerConfig(model_name=None)
     model_name = config.model_name or model or "onevision"
     total = count_lines(input)
@@ -260,9 +263,6 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
                     num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, prepare_workers=ray_prepare_workers,
                     prepare_cpus=ray_prepare_cpus, batch_size=ray_batch_size)
         else:
-            if engine is None:
-                engine = load_engine(model, dtype=dtype, device=device, quantize=quantize, revision=revision,
-                                     **(engine_kwargs or {}))
             state = State(engine.model, engine.processor, config, fetcher, engine)
             limit = max_in_flight or 2 * _max_num_seqs(engine)
             run_local(requests(input, done, writer), writer, engine, state, model_name, limit, media_threads)
