@@ -152,7 +152,8 @@ def main() -> None:
     for size in (["tiny", "0.5b"] if args.size == "both" else [args.size]):
         rows += bench(size, args)
     print(f"\n{args.requests} requests ({args.image_share:.0%} with a {args.image_size}px image), greedy, max_tokens "
-          f"{args.max_tokens}; {torch.get_num_threads()} torch threads; requests/s and generated tokens/s over wall time")
+          f"{args.max_tokens}; {torch.get_num_threads()} torch threads; requests/s and generated tokens/s over wall "
+          "time")
     print("| size | run | seconds | first record at s | requests/s | tokens/s | same answers as transformers |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size, name, seconds, first, tokens, same in rows:

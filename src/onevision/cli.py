@@ -202,15 +202,19 @@ def _batch_args(sub) -> None:
                      "--ray-address)")
     ray.add_argument("--ray-address", default=None, metavar="ADDR",
                      help="an existing Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
-    ray.add_argument("--ray-replicas", type=_positive_int, default=1, help="engine actors, one engine each (default 1)")
-    ray.add_argument("--ray-num-cpus", type=_positive_float, default=1.0, help="CPUs per engine actor (default 1)")
-    ray.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per engine actor (default 0)")
-    ray.add_argument("--ray-prepare-workers", type=_positive_int, default=1,
+    ray.add_argument("--ray-replicas", metavar="N", type=_positive_int, default=1,
+                     help="engine actors, one engine each (default 1)")
+    ray.add_argument("--ray-num-cpus", metavar="N", type=_positive_float, default=1.0,
+                     help="CPUs per engine actor (default 1)")
+    ray.add_argument("--ray-num-gpus", metavar="N", type=float, default=0.0, help="GPUs per engine actor (default 0)")
+    ray.add_argument("--ray-prepare-workers", metavar="N", type=_positive_int, default=1,
                      help="CPU actors decoding media and building inputs (default 1)")
-    ray.add_argument("--ray-prepare-cpus", type=_positive_float, default=1.0,
+    ray.add_argument("--ray-prepare-cpus", metavar="N", type=_positive_float, default=1.0,
                      help="CPUs per prepare actor (default 1)")
-    ray.add_argument("--ray-batch-size", type=_positive_int, default=32,
-                     help="rows per Ray batch; an engine actor runs a batch's requests together (default 32)")
+    ray.add_argument("--ray-batch-size", metavar="N", type=_positive_int, default=16,
+                     help="requests per Ray batch (default 16)")
+    ray.add_argument("--ray-batches-per-replica", metavar="N", type=_positive_int, default=4,
+                     help="Ray batches an engine actor runs at once, in one continuous batch (default 4)")
 
 
 def _status(message: str) -> None:
@@ -567,7 +571,7 @@ def run_batch(args: argparse.Namespace) -> int:
                   progress=not args.no_progress, ray=use_ray, ray_address=args.ray_address,
                   ray_replicas=args.ray_replicas, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
                   ray_prepare_workers=args.ray_prepare_workers, ray_prepare_cpus=args.ray_prepare_cpus,
-                  ray_batch_size=args.ray_batch_size)
+                  ray_batch_size=args.ray_batch_size, ray_batches_per_replica=args.ray_batches_per_replica)
     if summary.repaired_bytes:
         _status(f"(cut off a torn last line of {summary.repaired_bytes} bytes from {args.output}; its request ran "
                 "again)")

@@ -224,15 +224,18 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
         engine_kwargs: dict[str, Any] | None = None, max_in_flight: int | None = None, media_threads: int = 4,
         progress: bool = True, ray: bool = False, ray_address: str | None = None, ray_replicas: int = 1,
         ray_num_cpus: float = 1.0, ray_num_gpus: float = 0.0, ray_prepare_workers: int = 1,
-        ray_prepare_cpus: float = 1.0, ray_batch_size: int = 16, fetcher=None) -> Summary:
+        ray_prepare_cpus: float = 1.0, ray_batch_size: int = 16, ray_batches_per_replica: int = 4,
+        fetcher=None) -> Summary:
     """Run every request of `input` (JSONL, OpenAI batch format) and append one record per line to `output`.
 
     model: hub id or folder (an Engine is built with `dtype`, `device`, `quantize`, `engine_kwargs`), or
     engine: an `onevision.engine.Engine` already built (local runs). config: `onevision.server.ServerConfig`
     for the request limits and media rules (model_name None accepts any body "model"; records name --model).
     max_in_flight: requests prepared and handed to the engine at once (default 2 * max_num_seqs).
-    ray: run as a Ray Data pipeline (`ray_replicas` engine actors with `ray_num_cpus`/`ray_num_gpus` each, on the
-    cluster at `ray_address`, or one `ray.init()` starts, or the one already initialised)."""
+    ray: run as a Ray Data pipeline (`ray_replicas` engine actors with `ray_num_cpus`/`ray_num_gpus` each, taking
+    `ray_batches_per_replica` batches of `ray_batch_size` requests at once; `ray_prepare_workers` CPU actors with
+    `ray_prepare_cpus` each build the inputs) on the cluster at `ray_address`, else the one already initialised,
+    else one `ray.init()` starts."""
     from onevision.server.app import ServerConfig
 
     if model is None and engine is None:
@@ -261,7 +264,8 @@ def run(input: str, output: str, *, model: str | None = None, engine=None, confi
                     dtype=dtype, device=device, quantize=quantize, revision=revision,
                     engine_kwargs=engine_kwargs or {}, address=ray_address, replicas=ray_replicas,
                     num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, prepare_workers=ray_prepare_workers,
-                    prepare_cpus=ray_prepare_cpus, batch_size=ray_batch_size)
+                    prepare_cpus=ray_prepare_cpus, batch_size=ray_batch_size,
+                    batches_per_replica=ray_batches_per_replica)
         else:
             state = State(engine.model, engine.processor, config, fetcher, engine)
             limit = max_in_flight or 2 * _max_num_seqs(engine)
