@@ -125,7 +125,11 @@ class EngineStage:
         if not jobs:
             return {"record": records, "tokens": tokens}
         for i, job, inputs, params in jobs:
-            self.engine.add(job.request_id, inputs, params, sink_for(i, job))
+            sink = sink_for(i, job)
+            try:
+                self.engine.add(job.request_id, inputs, params, sink)
+            except Exception as e:  # noqa: BLE001 - the engine is stopping: the row still gets its record
+                sink(e)
         all_done.wait()
         return {"record": records, "tokens": tokens}
 

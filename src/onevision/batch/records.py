@@ -160,29 +160,28 @@ def open_output(path: str | os.PathLike) -> tuple[Done, Any]:
     file for appending. -> (what is done, the file opened for appending)."""
     done = Done()
     if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            lines = data.split(b"\n")
-            good = 0  # end of the last complete record (and its newline)
-            for i, raw in enumerate(lines):
-                if i == len(lines) - 1:  # after the last newline: nothing, or a record cut short
+        with open(path, "rb+") as f:  # streamed: the output of a long job can be large
+            good = size = 0  # good: end of the last complete record (and its newline)
+            for number, raw in enumerate(f, start=1):
+                size += len(raw)
+                if not raw.endswith(b"\n"):  # the last line, cut short (or only its newline is missing)
                     record = _record(raw) if raw.strip() else None
                     if record is not None:  # complete JSON whose newline was not written: keep it
                         _remember(done, record)
-                        f.seek(good + len(raw))
+                        f.seek(size)
                         f.write(b"\n")
-                        good += len(raw) + 1
+                        good = size = size + 1
                     break
                 if raw.strip():
                     record = _record(raw)
                     if record is None:
-                        raise OutputError(f"{os.fspath(path)}: line {i + 1} is not a batch result record, so the "
+                        raise OutputError(f"{os.fspath(path)}: line {number} is not a batch result record, so the "
                                           "file can't be resumed; move the file away (or delete that line) and "
                                           "run again")
                     _remember(done, record)
-                good += len(raw) + 1
-            if good < len(data):
-                done.repaired = len(data) - good
+                good = size
+            if good < size:
+                done.repaired = size - good
                 f.truncate(good)
     return done, open(path, "a", encoding="utf-8")
 
