@@ -142,7 +142,7 @@ def test_prefix_and_vision_cache_hits_give_the_cold_tokens(our_model, processors
     engine = Engine(our_model, ours, EngineConfig())
     out1, _ = run(engine, {"t1": (ours.apply_chat_template(first, **KW), greedy(12))})
     answer = out1["t1"].outputs[0].text
-    out1_tiles = engine.runner.encoded_tiles
+    out1_tiles = engine.encoder.encoded_tiles
     # the client re-sends the whole conversation, its image included (a second image would switch the
     # checkpoint to multi-image mode, which changes every image's features: a different prefix by design)
     second = first + [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
@@ -151,7 +151,7 @@ def test_prefix_and_vision_cache_hits_give_the_cold_tokens(our_model, processors
     out2, _ = run(engine, {"t2": (inputs, greedy(10))})
     t2 = out2["t2"]
     assert t2.num_cached_tokens >= len(out1["t1"].prompt_token_ids) // 16 * 16 > 0
-    assert engine.runner.encoded_tiles == out1_tiles  # the re-sent image was not encoded again
+    assert engine.encoder.encoded_tiles == out1_tiles  # the re-sent image was not encoded again
     assert t2.outputs[0].token_ids == reference_tokens(reference_model, ref, second, 10)
     cold = Engine(our_model, ours, EngineConfig(enable_prefix_caching=False, vision_cache_memory=0))
     out3, _ = run(cold, {"t2": (inputs, greedy(10))})

@@ -500,6 +500,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
+    _log_to_stderr(args.log_level)
     model, processor = load(args)
     limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
                          max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
@@ -524,6 +525,19 @@ def run_serve(args: argparse.Namespace) -> int:
     _status(f"Serving {config.model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)")
     server.run()
     return 0 if server.started else 1
+
+
+def _log_to_stderr(level: str) -> None:
+    """onevision's own log lines (one per request, engine throughput while busy) next to uvicorn's."""
+    import logging
+
+    logger = logging.getLogger("onevision")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 # --------------------------------------------------------------------------- batch

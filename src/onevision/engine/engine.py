@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from onevision.engine.blocks import BlockManager
+from onevision.engine.encoder import VisionEncoder
 from onevision.engine.metrics import Metrics
 from onevision.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from onevision.engine.runner import ModelRunner, sample
@@ -85,9 +86,11 @@ class Engine:
                                text.head_dim, runner_dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.vision_cache = VisionCache(config.vision_cache_memory)
+        self.encoder = VisionEncoder(model, self.vision_cache, runner_dtype)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching)
-        self.runner = ModelRunner(model, self.kv, self.vision_cache)
+                                   config.enable_prefix_caching,
+                                   ready=lambda seq: all(self.encoder.ready(m) for m in seq.items))
+        self.runner = ModelRunner(model, self.kv)
         gen = getattr(model, "generation_config", None)
         self.eos_ids = gen.eos_ids() if gen is not None else []
         self.requests: dict[str, list[Sequence]] = {}
@@ -135,6 +138,7 @@ class Engine:
         seq = Sequence(request_id, 0, params, ids, len(ids), items, self._tracker(params, max_tokens),
                        self._generator(params.seed), max_tokens=max_tokens)
         self.requests[request_id] = [seq]
+        self.encoder.request(items)
         self.scheduler.add(seq)
         with self.metrics.lock:
             self.metrics.prompt_tokens += len(ids)
@@ -145,6 +149,7 @@ class Engine:
         seqs = self.requests.pop(request_id, None)
         if seqs is None:
             return None
+        self.encoder.forget(seqs[0].items)
         for seq in seqs:
             if not seq.finished:
                 seq.tracker.cancel("abort")
@@ -158,9 +163,12 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        if self.encoder.busy:  # while streams decode, a slice of the vision work per step; else all of it
+            decoding = sum(len(s.token_ids) - s.num_computed == 1 for s in self.scheduler.running)
+            self.encoder.step(max(1, self.config.max_num_batched_tokens - decoding) if decoding else None)
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if self.scheduler.waiting and not self.scheduler.running and not self.encoder.busy:
                 seq = self.scheduler.waiting[0]
                 raise RuntimeError(f"request {seq.request_id} cannot be scheduled: it needs more KV blocks than "
                                    f"are free ({self.blocks.num_free}); raise kv_cache_memory")

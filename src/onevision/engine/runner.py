@@ -1,23 +1,28 @@
-"""Runs one scheduled step on the model: vision features for the media the step reaches, then one forward over
-the flat batch of every sequence's new tokens, then the logits of the sequences that need a next token."""
+"""Runs one scheduled step on the model: one forward over the flat batch of every sequence's new tokens (media
+placeholders filled with their encoded features), then the logits of the sequences that need a next token."""
 
 from __future__ import annotations
 
 import torch
 
 from onevision.engine.sequence import MediaItem, Sequence
-from onevision.engine.vision_cache import VisionCache
 from onevision.generation import sampling
 from onevision.models.cache import PagedBatch, PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, vision_cache: VisionCache):
-        self.model, self.cache, self.vision_cache = model, cache, vision_cache
+    def __init__(self, model, cache: PagedKVCache):
+        self.model, self.cache = model, cache
         self.device = model.device
         self.dtype = self.compute_dtype(model)
         self.logits_hook = None  # tests: called with (sequences, logits) after every forward
-        self.encoded_tiles = 0
+        self.varlen = None
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            try:
+                from flash_attn import flash_attn_varlen_func
+            except ImportError:
+                flash_attn_varlen_func = None
+            self.varlen = flash_attn_varlen_func
 
     @staticmethod
     def compute_dtype(model) -> torch.dtype:
@@ -26,33 +31,11 @@ class ModelRunner:
             dtype = getattr(model, "compute_dtype", torch.float32)
         return dtype
 
-    # ------------------------------------------------------------------ vision
-    def ensure_features(self, items: list[MediaItem]) -> None:
-        """Give every item its features: from the vision cache, else encoded (all missing tiles in one batch)."""
-        missing = []
-        for item in items:
-            if item.features is None:
-                item.features = self.vision_cache.get(item.hash)
-                if item.features is None:
-                    missing.append(item)
-        if not missing:
-            return
-        tiles = torch.cat([m.tiles for m in missing]).to(self.device, self.dtype)
-        encoded = self.model.model.encode_tiles(tiles).split([m.tiles.shape[0] for m in missing])
-        self.encoded_tiles += tiles.shape[0]
-        for item, feats in zip(missing, encoded):
-            packed = self.model.model.pack_image(feats, item.size) if item.kind == "image" else \
-                self.model.model.pack_video(feats)
-            if packed.shape[0] != item.length:
-                raise ValueError(f"{item.kind} features have {packed.shape[0]} rows for {item.length} placeholders")
-            item.features = packed.to(self.dtype)
-            self.vision_cache.put(item.hash, item.features)
-
     # ------------------------------------------------------------------ language model
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Forward the scheduled tokens; returns the sequences that reached their end and their float32 logits
-        (k, V)."""
+        """Forward the scheduled tokens (their media already encoded); returns the sequences that reached their
+        end and their float32 logits (k, V)."""
         bs = self.cache.block_size
         ids, positions, slots, segments, sample_rows, sampled = [], [], [], [], [], []
         spans: list[tuple[int, MediaItem, int, int]] = []  # (flat offset, item, first row, last row + 1)
@@ -65,9 +48,9 @@ class ModelRunner:
             gather = (table[:, None] * bs + offsets).flatten()[:start + n]  # (context,) pool slots
             slots.append(gather[start:])
             segments.append((q0, n, gather))
-            reached = [m for m in seq.items if m.start < start + n and m.start + m.length > start]
-            self.ensure_features(reached)
-            for m in reached:
+            for m in seq.items:
+                if not (m.start < start + n and m.start + m.length > start):
+                    continue
                 lo, hi = max(m.start, start), min(m.start + m.length, start + n)
                 spans.append((q0 + lo - start, m, lo - m.start, hi - m.start))
             if start + n == len(seq.token_ids):
@@ -78,13 +61,10 @@ class ModelRunner:
         for at, item, lo, hi in spans:
             embeds[at:at + hi - lo] = item.features[lo:hi]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
-        batch = PagedBatch(self.cache, torch.cat(slots), segments)
+        batch = PagedBatch(self.cache, torch.cat(slots), segments, self.varlen)
         hidden, _, _ = self.model.model.language_model(embeds[None], None, pos, batch)
         for seq, n in scheduled:
             seq.num_computed += n
-            for m in seq.items:  # the cache keeps features; a sequence past its media drops its reference
-                if m.start + m.length <= seq.num_computed:
-                    m.features = None
         if not sampled:
             return [], None
         logits = self.model.lm_head(hidden[0, sample_rows]).float()

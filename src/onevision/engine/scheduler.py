@@ -3,6 +3,7 @@
 Each step has a token budget. Running sequences that decode (one token each) are served first, so a long
 prompt arriving never freezes the streams already running; then running prefills continue in chunks; then
 waiting sequences are admitted in arrival order while the budget, max_num_seqs and free KV blocks allow.
+A waiting sequence is admitted once its media are encoded (encoder.py works on them a slice per step).
 When a running sequence needs a block and none is free, the most recently admitted running sequence is
 preempted: its blocks are released (they stay in the prefix cache) and it goes back to the front of the queue,
 to be recomputed from its tokens so far (prompt + generated), which leaves its answer unchanged.
@@ -18,9 +19,9 @@ from onevision.engine.sequence import RUNNING, WAITING, Sequence
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, ready=lambda seq: True):
         self.blocks, self.max_num_seqs, self.budget = blocks, max_num_seqs, max_num_batched_tokens
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.ready = prefix_caching, ready  # ready(seq): its media are encoded
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -62,8 +63,10 @@ class Scheduler:
             if seq.status == RUNNING:
                 out.append((seq, n))
             budget = self.budget - sum(k for _, k in out)
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # waiting sequences whose media are encoded, in arrival order (one still being encoded is passed by)
+        for seq in [s for s in self.waiting if self.ready(s)]:
+            if budget <= 0 or preempted or len(self.running) >= self.max_num_seqs:
+                break
             if not seq.blocks:
                 self._reuse_prefix(seq)
             n = min(len(seq.token_ids) - seq.num_computed, budget)
@@ -72,7 +75,7 @@ class Scheduler:
                 self.blocks.release(seq.blocks)  # keep the queue order; the hit is looked up again next time
                 seq.blocks, seq.num_computed = [], 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if not seq.admitted:  # prefix-cache statistics count each request's prompt once
                 seq.admitted, seq.num_cached = True, seq.num_computed
                 self.prefix_queries += len(seq.token_ids)

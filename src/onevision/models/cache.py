@@ -99,9 +99,19 @@ class PagedBatch:
     sequence's new queries are q[q_start:q_start+q_len] and it attends to `context` keys, read from the pool at
     `gather` (context,) slots (its earlier tokens then the new ones, causally)."""
 
-    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]]):
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]],
+                 varlen=None):
         self.cache, self.slots, self.segments = cache, slots, segments
         self.length = 0  # the model's KVCache interface: positions come from the caller
+        self.varlen = varlen  # flash-attn's flash_attn_varlen_func on CUDA (fp16/bf16), else per-sequence SDPA
+        if varlen is not None:
+            lengths_q = [0] + [q_len for _, q_len, _ in segments]
+            lengths_k = [0] + [g.shape[0] for _, _, g in segments]
+            device = slots.device
+            self.cu_q = torch.tensor(lengths_q, device=device).cumsum(0).to(torch.int32)
+            self.cu_k = torch.tensor(lengths_k, device=device).cumsum(0).to(torch.int32)
+            self.max_q, self.max_k = max(lengths_q), max(lengths_k)
+            self.gather_all = torch.cat([g for _, _, g in segments])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) new tokens -> (1, H, N, D); stores k/v in the pool first."""
@@ -110,6 +120,10 @@ class PagedBatch:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         keys[self.slots] = k[0].transpose(0, 1)
         values[self.slots] = v[0].transpose(0, 1)
+        if self.varlen is not None:  # one kernel for every sequence; causal aligned to each one's last key
+            out = self.varlen(q[0].transpose(0, 1), keys[self.gather_all], values[self.gather_all], self.cu_q,
+                              self.cu_k, self.max_q, self.max_k, softmax_scale=scale, causal=True)
+            return out.transpose(0, 1)[None]
         outs = []
         for start, q_len, gather in self.segments:
             ctx = gather.shape[0]

@@ -99,6 +99,10 @@ class LlavaOnevisionModel(nn.Module):
         """(N, 3, 384, 384) -> projected (N, 729, C)."""
         layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
         hidden, _ = self.vision_tower(pixel_values, layers)
+        return self.project(hidden, vision_feature_layer, strategy)
+
+    def project(self, hidden: list[torch.Tensor], vision_feature_layer, strategy: str) -> torch.Tensor:
+        """The tower's hidden states at the feature layer(s) -> projected (N, 729, C)."""
         # no copy for a single layer: the tower's output is channels-strided, and the reference feeds the
         # projector that same layout (a contiguous copy takes another bf16 matmul kernel, changing the bits)
         feats = hidden[0] if isinstance(vision_feature_layer, int) else torch.cat(hidden, dim=-1)
@@ -149,11 +153,16 @@ class LlavaOnevisionModel(nn.Module):
         return ModelOutput(pooler_output=packed)
 
     # -- the engine's vision stage: tiles are encoded in any grouping, then packed per media item ------------
-    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(T, 3, H, W) tiles of any images or video frames -> projected (T, side*side, C) with the config's
-        feature layer and strategy (each tile is independent, so the engine can split the work freely)."""
+    def encode_tiles(self, tiles: torch.Tensor):
+        """Start encoding (T, 3, H, W) tiles of any images or video frames (each tile is independent, so the
+        engine groups them freely): returns a pass that `vision_tower.advance(pass, n)` runs n layers at a time,
+        then `finish_tiles(pass)` -> projected (T, side*side, C) with the config's feature layer and strategy."""
+        layer = self.config.vision_feature_layer
+        return self.vision_tower.begin(tiles, [layer] if isinstance(layer, int) else list(layer))
+
+    def finish_tiles(self, state) -> torch.Tensor:
         cfg = self.config
-        return self._vision_features(tiles, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+        return self.project(state.outputs(), cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
 
     def pack_image(self, features: torch.Tensor, size: tuple[int, int], vision_aspect_ratio: str | None = None
                    ) -> torch.Tensor:

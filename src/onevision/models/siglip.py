@@ -97,6 +97,13 @@ class SiglipVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, layers: list[int] | None = None,
                 output_attentions: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """pixel_values (N, 3, H, W) -> (hidden states at `layers` (all when None), attention weights or None)."""
+        state = self.begin(pixel_values, layers, output_attentions)
+        self.advance(state)
+        return state.outputs(), state.attentions
+
+    def begin(self, pixel_values: torch.Tensor, layers: list[int] | None = None,
+              output_attentions: bool = False) -> TowerPass:
+        """Start a pass that `advance` runs a few layers at a time (the engine interleaves it with decoding)."""
         n_layers = len(self.encoder.layers)
         if layers is not None and any(not -(n_layers + 1) <= i <= n_layers for i in layers):
             raise ValueError(f"vision_feature_layer {layers} is out of range: the tower has {n_layers + 1} hidden "
@@ -104,12 +111,31 @@ class SiglipVisionTower(nn.Module):
         wanted = list(range(n_layers + 1)) if layers is None else [i % (n_layers + 1) for i in layers]
         last = n_layers if output_attentions else max(wanted)
         x = self.embeddings(pixel_values)
-        kept = {0: x} if 0 in wanted else {}  # only the requested layers stay alive
-        attentions = [] if output_attentions else None
-        for i, layer in enumerate(self.encoder.layers[:last], 1):
-            x, weights = layer(x, output_attentions)
-            if i in wanted:
-                kept[i] = x
-            if attentions is not None:
-                attentions.append(weights)
-        return [kept[i] for i in wanted], attentions
+        return TowerPass(x, wanted, last, {0: x} if 0 in wanted else {}, [] if output_attentions else None)
+
+    def advance(self, state: TowerPass, max_layers: int | None = None) -> bool:
+        """Run up to `max_layers` more layers (all when None); True once the pass is complete."""
+        stop = state.last if max_layers is None else min(state.last, state.done + max_layers)
+        for i in range(state.done + 1, stop + 1):
+            state.x, weights = self.encoder.layers[i - 1](state.x, state.attentions is not None)
+            if i in state.wanted:
+                state.kept[i] = state.x  # only the requested layers stay alive
+            if state.attentions is not None:
+                state.attentions.append(weights)
+        state.done = stop
+        return state.finished
+
+
+class TowerPass:
+    """A vision tower pass in progress over a batch of tiles."""
+
+    def __init__(self, x, wanted, last, kept, attentions):
+        self.x, self.wanted, self.last, self.kept, self.attentions = x, wanted, last, kept, attentions
+        self.done = 0  # layers run so far
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.last
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [self.kept[i] for i in self.wanted]

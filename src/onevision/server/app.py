@@ -48,6 +48,7 @@ class ServerConfig:
     docs: bool = False  # /docs (Swagger UI, assets served locally); off by default like a production server
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching, KV and vision cache sizes
     metrics: bool = True  # GET /metrics (Prometheus text format)
+    stats_interval: float = 10.0  # seconds between throughput log lines while busy
     media_threads: int = 4
     web: bool = True  # the chat page at GET / (server/web/)
 
@@ -186,7 +187,7 @@ class _State:
         self.tokenizer = processor.tokenizer
         self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
         core = Engine(model, processor, config.engine)
-        self.engine = ServingEngine(core, max_queue=config.max_queue)
+        self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
         self.pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="onevision-media")
         # a request must fit the context and the KV pool (the engine refuses more; this says so with a 400)
         self.context = min(core.max_model_len, core.blocks.num_blocks * core.blocks.block_size)

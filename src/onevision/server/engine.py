@@ -102,10 +102,10 @@ class Job:
 
 
 class ServingEngine:
-    def __init__(self, engine: Engine, max_queue: int = 64):
+    def __init__(self, engine: Engine, max_queue: int = 64, stats_interval: float = 10.0):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, log_every=stats_interval)
         self.capacity = engine.config.max_num_seqs + max_queue
         self._lock = threading.Lock()
         self._admitted = 0

