@@ -113,8 +113,10 @@ def video_bytes(frames: int = 10, size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def reference_answer(folder: Path, conversation: list[dict], images=None, videos=None, max_new_tokens: int = 12):
-    """transformers' greedy decode for the conversation -> (text, prompt_tokens, completion_tokens).
+def reference_answer(folder: Path, conversation: list[dict], images=None, videos=None, max_new_tokens: int = 12,
+                     seed: int | None = None, **generate_kwargs):
+    """transformers' decode for the conversation -> (text, prompt_tokens, completion_tokens): greedy unless
+    `generate_kwargs` say do_sample=True; `seed` seeds the global generator the reference draws from.
     `images`: the conversation's PIL images in order; `videos`: (T, H, W, 3) uint8 frame arrays."""
     import torch
     from transformers import AutoProcessor
@@ -123,8 +125,12 @@ def reference_answer(folder: Path, conversation: list[dict], images=None, videos
     model = _reference_model(folder)
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[images] if images else None, videos=videos or None, return_tensors="pt")
+    if generate_kwargs.get("stop_strings"):
+        generate_kwargs["tokenizer"] = processor.tokenizer
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        out = model.generate(**inputs, **{"do_sample": False, **generate_kwargs}, max_new_tokens=max_new_tokens)
     new = out[0, inputs["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new, skip_special_tokens=True), int(inputs["input_ids"].shape[1]), len(new)
 

@@ -77,7 +77,11 @@ def test_left_padded_batch_of_conversations(processors, our_model, reference_mod
         assert torch.equal(ours_ids[i, -alone.shape[1]:], alone[0])
 
 
-def test_inputs_to_half_precision_casts_floats_only(processors, tiny_ckpt):
+def test_bf16_inputs_and_model_match_reference_bf16(processors, tiny_ckpt):
+    """`.to(device, torch.bfloat16)` casts floating inputs only, and the bf16 model's logits and greedy tokens are
+    transformers' bf16 ones on the same inputs."""
+    from transformers import LlavaOnevisionForConditionalGeneration as Reference
+
     from onevision import LlavaOnevisionForConditionalGeneration
 
     ours_p, _ = processors
@@ -85,5 +89,10 @@ def test_inputs_to_half_precision_casts_floats_only(processors, tiny_ckpt):
                                         return_dict=True, return_tensors="pt").to("cpu", torch.bfloat16)
     assert inputs["pixel_values"].dtype == torch.bfloat16 and inputs["input_ids"].dtype == torch.long
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
-    out = model.generate(**inputs, max_new_tokens=4)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    reference = Reference.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits, want_logits = model(**inputs).logits, reference(**inputs).logits
+    assert logits.dtype == want_logits.dtype == torch.bfloat16
+    assert torch.equal(logits, want_logits)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, reference.generate(**inputs, max_new_tokens=8, do_sample=False))

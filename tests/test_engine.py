@@ -252,3 +252,44 @@ def test_block_manager_reuses_freed_prefixes_lru():
     fresh = bm.allocate(3)  # evicts the other cached block, whose hash is forgotten
     assert fresh is not None and first[1] in fresh and bm.lookup([b"h0", b"h1"]) == first[:1]
     assert bm.allocate(1) is None
+
+
+def test_chat_session_keeps_the_conversation_in_the_engine(tiny_ckpt, our_model, processors, reference_model):
+    """`onevision chat`'s session: the second turn reuses the first turn's KV and image, and both answers equal
+    transformers' greedy answers for the same conversations."""
+    import io
+
+    from onevision.cli import ChatSession, build_parser
+
+    ours, ref = processors
+    args = build_parser().parse_args(["chat", "--model", str(tiny_ckpt), "--max-new-tokens", "10"])
+    session = ChatSession(our_model, ours, args)
+    session.pending.append(("image", photo("cat.jpg")))
+    out = io.StringIO()
+    first = session.ask("What is this?", out)
+    conv = [user(image("cat.jpg"), text="What is this?")]
+    assert first == ref.decode(reference_tokens(reference_model, ref, conv, 10),
+                                                                skip_special_tokens=True)
+    tiles = session.engine.encoder.encoded_tiles
+    second = session.ask("Tell me more.", out)
+    conv += [{"role": "assistant", "content": [{"type": "text", "text": first}]}, user(text="Tell me more.")]
+    assert second == ref.decode(reference_tokens(reference_model, ref, conv, 10), skip_special_tokens=True)
+    assert session.engine.encoder.encoded_tiles == tiles  # the image was not encoded again
+    assert session.engine.scheduler.prefix_hits >= 160  # the first turn's prompt (163 tokens) came from the cache
+
+
+def test_precomputed_vision_features_give_the_reference_logits(our_model, reference_model, processors):
+    """The vision stage on its own: encode_images / encode_videos outputs passed to forward and generate."""
+    ours = processors[0]
+    conv = [user(image("cat.jpg"), {"type": "video", "video": frames(3, 2)})]
+    inputs = ours.apply_chat_template(conv, **KW)
+    with torch.no_grad():
+        ref = reference_model(**inputs).logits
+        images = our_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"],
+                                               inputs.get("batch_num_images"))
+        videos = our_model.model.encode_videos(inputs["pixel_values_videos"])
+        ours_logits = our_model(input_ids=inputs["input_ids"], image_features=images, video_features=videos).logits
+    assert torch.equal(ours_logits, ref)
+    ids = our_model.generate(input_ids=inputs["input_ids"], image_features=images, video_features=videos,
+                             max_new_tokens=6, do_sample=False)
+    assert torch.equal(ids, reference_model.generate(**inputs, max_new_tokens=6, do_sample=False))

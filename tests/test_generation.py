@@ -156,11 +156,13 @@ def test_each_filter_equals_reference_processor():
                        TemperatureLogitsWarper(0.5)(seen, scores))
 
 
-def test_defaults_come_from_generation_config(our_model, tiny_ckpt):
-    cfg = our_model.generation_config
-    assert cfg.eos_token_id == 151645 and cfg.bos_token_id == 151643 and not cfg.do_sample and cfg.top_k == 50
+def test_defaults_come_from_generation_config(our_model, reference_model, tiny_ckpt):
+    cfg, ref = our_model.generation_config, reference_model.generation_config
+    assert (cfg.eos_token_id, cfg.bos_token_id) == (ref.eos_token_id, ref.bos_token_id) == (151645, 151643)
+    assert not cfg.do_sample and cfg.top_k == 50  # transformers' generate() defaults for unset values
     inputs = with_mask(make_inputs(text=(2, 2)))
-    assert our_model.generate(**inputs, max_length=10).shape == (1, 10)
+    out = our_model.generate(**inputs, max_length=10)
+    assert out.shape == (1, 10) and torch.equal(out, reference_model.generate(**inputs, max_length=10))
 
 
 def test_bad_arguments_are_errors_with_a_remedy(our_model):

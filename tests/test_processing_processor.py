@@ -171,12 +171,16 @@ def test_video_from_url(processor, media_url):
         processor(videos=f"{media_url}/missing.mp4", text="<video>")
 
 
-def test_batch_feature_to(processor):
-    out = processor(images=random_image(64, 64), text="<image>x", return_tensors="pt")
+def test_batch_feature_to(processor, ref_processor):
+    """`.to(device, dtype)` / `.to(dtype)` cast what transformers' BatchFeature casts (floating tensors only)."""
+    image = random_image(64, 64)
+    out = processor(images=image, text="<image>x", return_tensors="pt")
+    want = ref_processor(images=image, text="<image>x", return_tensors="pt")
     assert isinstance(out, BatchFeature)
-    out = out.to("cpu", torch.float16)
-    assert out["pixel_values"].dtype == torch.float16 and out.pixel_values.dtype == torch.float16
-    assert out["input_ids"].dtype == torch.int64 and out["image_sizes"].dtype == torch.int64
+    for args in (("cpu", torch.float16), (torch.bfloat16,)):
+        got, ref = out.to(*args), want.to(*args)
+        assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in ref.items()}, args
+        assert got.pixel_values.dtype == args[-1] and got["input_ids"].dtype == torch.int64
     assert out.to(torch.float32)["pixel_values"].dtype == torch.float32
 
 
@@ -272,6 +276,28 @@ def test_video_processor_subfolder_layout(tmp_path):
     (tmp_path / "video_processor" / "preprocessor_config.json").write_text(json.dumps(config))
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.video_processor.size == {"height": 192, "width": 192}
+
+
+def test_image_and_video_processors_saved_alone_are_read_by_the_reference(processor, tmp_path):
+    """Each processor's own save_pretrained file is what transformers' Auto classes read, with the same outputs;
+    a folder with no settings at all is an error that names the files looked for."""
+    import transformers
+
+    custom = {"size": {"height": 112, "width": 112}, "image_mean": [0.5, 0.4, 0.3]}
+    image = processor.image_processor.from_dict(processor.image_processor.to_dict(), **custom)
+    video = processor.video_processor.from_dict(processor.video_processor.to_dict(), **custom)
+    image.save_pretrained(tmp_path / "image")
+    video.save_pretrained(tmp_path / "video")
+    picture, frames = random_image(300, 200), np.random.default_rng(0).integers(0, 256, (3, 40, 30, 3), np.uint8)
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path / "image")
+    assert_same_outputs(type(image).from_pretrained(tmp_path / "image")(picture, return_tensors="pt"),
+                        theirs(picture, return_tensors="pt"))
+    theirs = transformers.AutoVideoProcessor.from_pretrained(tmp_path / "video")
+    mine = type(video).from_pretrained(tmp_path / "video")
+    assert mine.size == {"height": 112, "width": 112}
+    assert_same_outputs(mine(frames, return_tensors="pt"), theirs(frames, return_tensors="pt"))
+    with pytest.raises(FileNotFoundError, match="video_preprocessor_config.json"):
+        type(video).from_pretrained(tmp_path / "image" / "missing")
 
 
 def test_offline_repo_id_error(monkeypatch):

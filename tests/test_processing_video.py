@@ -99,11 +99,17 @@ def test_rgba_video(ours, ref):
     assert_same_outputs(ours(opaque, return_tensors="pt"), want)
 
 
-def test_frame_equals_image_base_patch(processor, video_path):
+def test_frames_match_reference_video_and_image_processors(processor, ref_processor, video_path):
+    """Decoded frames through our video processor equal transformers' video processor, and each frame equals
+    transformers' image base patch of that frame (SPEC §4: a frame is processed like the base patch)."""
     frames, _ = load_video(video_path, num_frames=2)
     video = processor.video_processor(frames, return_tensors="pt")["pixel_values_videos"][0]
-    image = processor.image_processor(frames[1], return_tensors="pt")["pixel_values"][0, 0]
-    assert max_abs_diff(video[1], image) == 0.0
+    want = ref_processor.video_processor(frames, return_tensors="pt")["pixel_values_videos"][0]
+    assert video.shape == want.shape == (2, 3, 384, 384)
+    assert max_abs_diff(video, want) <= 1e-6
+    for i in range(2):
+        base = ref_processor.image_processor(frames[i], return_tensors="pt")["pixel_values"][0, 0]
+        assert max_abs_diff(video[i], base) <= 1e-6, i
 
 
 def test_different_lengths_cannot_stack(ours):

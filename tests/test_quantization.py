@@ -167,11 +167,16 @@ def test_dtype_applies_to_unquantized_parts(tiny_ckpt):
         tiny_ckpt, quantization_config=BitsAndBytesConfig(**MODES["nf4"]), dtype=torch.bfloat16)
     assert torch.equal(torch.random.get_rng_state(), rng)  # the backend probe draws no random numbers
     assert ours.dtype == torch.bfloat16 and ours.model.language_model.norm.weight.dtype == torch.bfloat16
-    q = ours.model.language_model.layers[0].self_attn.q_proj
-    assert q.compute_dtype == torch.float16 and q.weight.quant_state.dtype == torch.bfloat16
+    _, ref = load_pair(tiny_ckpt, "nf4", dtype=torch.bfloat16)
+    assert ref.model.language_model.norm.weight.dtype == torch.bfloat16
+    q, ref_q = (m.model.language_model.layers[0].self_attn.q_proj for m in (ours, ref))
+    assert q.compute_dtype == ref_q.compute_dtype == torch.float16
+    assert q.weight.quant_state.dtype == ref_q.weight.quant_state.dtype == torch.bfloat16
+    inputs = make_inputs(sizes=[(56, 56)])
     with torch.no_grad():
-        logits = ours(**make_inputs(sizes=[(56, 56)])).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+        logits, want = ours(**inputs).logits, ref(**inputs).logits
+    assert logits.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
 
 
 # -- saving -------------------------------------------------------------------------------------------------------

@@ -111,37 +111,49 @@ def test_models_health_and_auth(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-def test_sampling_options(client):
+def test_sampling_options(client, ckpt):
+    """A seeded sampled answer is transformers' draw with the same seed and settings (and so the same each time)."""
     msgs = [{"role": "user", "content": "Tell me a story."}]
-    a = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.9, top_p=0.9,
-                                       seed=7, extra_body={"top_k": 20, "min_p": 0.01})
-    b = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.9, top_p=0.9,
-                                       seed=7, extra_body={"top_k": 20, "min_p": 0.01})
-    assert a.choices[0].message.content == b.choices[0].message.content  # same seed, same answer
+    settings = dict(temperature=0.9, top_p=0.9, top_k=20, min_p=0.01)
+    want, _, count = reference_answer(ckpt, _as_reference(msgs), max_new_tokens=6, seed=7, do_sample=True, **settings)
+    other, _, _ = reference_answer(ckpt, _as_reference(msgs), max_new_tokens=6, seed=8, do_sample=True, **settings)
+    assert want != other  # the seed matters for these settings, so the comparison below can fail
+    for _ in range(2):
+        a = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0.9, top_p=0.9,
+                                           seed=7, extra_body={"top_k": 20, "min_p": 0.01})
+        assert a.choices[0].message.content == want
+        assert a.usage.completion_tokens == count
     many = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=1.0, n=3, seed=1)
     assert [c.index for c in many.choices] == [0, 1, 2]
     assert many.usage.completion_tokens == 12
+    greedy_text, _, _ = reference_answer(ckpt, _as_reference(msgs), max_new_tokens=4)
     greedy = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0, n=2)
-    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    assert [c.message.content for c in greedy.choices] == [greedy_text, greedy_text]
     assert greedy.usage.completion_tokens == 8
 
 
-def test_stop_strings_cut_the_answer(client):
+def test_stop_strings_cut_the_answer(client, ckpt):
+    """The answer stops where transformers' stop_strings stop it (same token count), without the stop string."""
     msgs = [{"role": "user", "content": "Name a colour."}]
-    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
-    text = full.choices[0].message.content
+    text, _, _ = reference_answer(ckpt, _as_reference(msgs), max_new_tokens=12)
     stop = text[len(text) // 2: len(text) // 2 + 2]
+    _, _, count = reference_answer(ckpt, _as_reference(msgs), max_new_tokens=12, stop_strings=[stop])
+    assert count < 12  # the reference stopped early, so the token count below is a real check
     cut = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.usage.completion_tokens <= 12
+    assert cut.usage.completion_tokens == count
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tiny", messages=msgs, max_tokens=12, temperature=0, stop=stop, stream=True) if c.choices)
-    assert streamed == cut.choices[0].message.content
+    assert streamed == text[: text.find(stop)]
 
 
-def test_min_tokens_and_streamed_n(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "min_tokens": 5,
+def test_min_tokens_and_streamed_n(server, ckpt):
+    """min_tokens is transformers' min_new_tokens (EOS banned until then); each streamed choice is its answer."""
+    messages = [{"role": "user", "content": "hi"}]
+    want, _, count = reference_answer(ckpt, _as_reference(messages), max_new_tokens=5, min_new_tokens=5)
+    assert count == 5
+    body = {"model": "tiny", "messages": messages, "max_tokens": 5, "min_tokens": 5,
             "n": 2, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": "Bearer sk-test"}, timeout=60) as r:
@@ -153,4 +165,4 @@ def test_min_tokens_and_streamed_n(server):
     for chunk in chunks:
         for choice in chunk["choices"]:
             texts[choice["index"]] += choice["delta"].get("content") or ""
-    assert texts[0] == texts[1] and texts[0]
+    assert texts == {0: want, 1: want}

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _server_helpers import shared_ckpt, start_server
+from _server_helpers import reference_answer, shared_ckpt, start_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,10 +42,12 @@ def ckpt(tiny_ckpt, tmp_path_factory):
 
 
 def test_eight_concurrent_clients(ckpt):
+    """8 clients at once (half streaming) each get transformers' greedy answer to their own question."""
+    expected = [reference_answer(ckpt, [{"role": "user", "content": [{"type": "text", "text": msg["content"]}]}],
+                                 max_new_tokens=6)[0] for msg in (_body(i)["messages"][0] for i in range(8))]
+    assert len(set(expected)) == 8  # different questions, different answers: a mixed-up reply can't pass
     with start_server(ckpt, max_queue=16) as srv:
         url = srv.url + "/v1/chat/completions"
-        expected = [httpx.post(url, json=_body(i), timeout=60).json()["choices"][0]["message"]["content"]
-                    for i in range(8)]
 
         def ask(i):
             return httpx.post(url, json=_body(i, stream=(i % 2 == 1)), timeout=120)

@@ -147,13 +147,82 @@ def test_decode_image_limits():
     assert info.value.code == "invalid_image"
 
 
-def test_one_fetch_function():
-    """The server reaches URLs only through RemoteFetcher (vLLM's SSRF bugs came back through side paths)."""
-    import pathlib
+class _Trap(http.server.ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that serves a real image and counts every TCP connection it accepts."""
 
-    import onevision.server as pkg
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.connections = 0
 
-    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
-        text = path.read_text()
-        for needle in ("urlopen(", "requests.get", "httpx.get", "fetch_url(", "load_image(url", "load_video(url"):
-            assert needle not in text, f"{path.name} uses {needle}"
+    def verify_request(self, request, client_address) -> bool:
+        self.connections += 1
+        return True
+
+
+@pytest.fixture()
+def trap():
+    server = _Trap()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _ask(srv, url: str, kind: str = "image_url"):
+    import httpx
+
+    body = {"model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": kind, kind: {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+    return httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt, tmp_path_factory):
+    from _server_helpers import shared_ckpt
+
+    return shared_ckpt(tiny_ckpt, tmp_path_factory)
+
+
+def test_no_request_reaches_a_loopback_server(ckpt, trap, local_http):
+    """Through the HTTP API of a server started with remote media on: URLs naming a live HTTP server on 127.0.0.1
+    (as an image or a video, by address, name or numeric alias) and redirects to it are refused, and the
+    server never gets a connection (a fetch path that skips the address check would reach it)."""
+    import httpx
+    from _server_helpers import start_server
+
+    port = trap.server_address[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/cat.jpg").content == image_bytes("cat.jpg")  # the trap works
+    assert trap.connections == 1
+    trap.connections = 0
+    urls = [f"http://127.0.0.1:{port}/cat.jpg", f"http://localhost:{port}/cat.jpg", f"http://127.1:{port}/cat.jpg",
+            f"http://2130706433:{port}/cat.jpg", f"http://0x7f000001:{port}/cat.jpg", f"http://0.0.0.0:{port}/cat.jpg",
+            f"https://127.0.0.1:{port}/cat.jpg", f"http://[::ffff:127.0.0.1]:{port}/cat.jpg"]
+    with start_server(ckpt, allow_remote=True) as srv:
+        for url in urls:
+            for kind in ("image_url", "video_url"):
+                response = _ask(srv, url, kind)
+                assert response.status_code == 400, (url, kind, response.text)
+                assert response.json()["error"]["code"] in ("blocked_media_url", "media_fetch_failed"), url
+    assert trap.connections == 0
+
+    # redirects: "images.test" resolves to a public address that the opener routes to a second local server, which
+    # answers with redirects to the trap; every other address is dialled for real.
+    _Handler.routes.update({"/to-trap": (302, {"Location": f"http://127.0.0.1:{port}/cat.jpg"}, b""),
+                            "/to-trap-name": (301, {"Location": f"http://localhost:{port}/cat.jpg"}, b""),
+                            "/to-trap-later": (307, {"Location": "/to-trap"}, b"")})
+
+    def resolver(host, _port):
+        return [PUBLIC] if host == "images.test" else [i[4][0] for i in socket.getaddrinfo(host, _port)]
+
+    def opener(address, _port, timeout):
+        return open_socket("127.0.0.1", local_http, timeout) if address == PUBLIC else \
+            open_socket(address, _port, timeout)
+
+    fetcher = RemoteFetcher(resolver=resolver, opener=opener)
+    with start_server(ckpt, allow_remote=True, fetcher=fetcher) as srv:
+        ok = _ask(srv, f"http://images.test:{local_http}/to-public")  # redirect to a public place: answered
+        assert ok.status_code == 200, ok.text
+        for path in ("/to-trap", "/to-trap-name", "/to-trap-later"):
+            response = _ask(srv, f"http://images.test:{local_http}{path}")
+            assert response.status_code == 400 and response.json()["error"]["code"] == "blocked_media_url", path
+    assert trap.connections == 0

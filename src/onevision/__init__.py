@@ -16,6 +16,8 @@ _EXPORTS = {
     "AutoTokenizer": "onevision.auto",
     "AutoImageProcessor": "onevision.auto",
     "AutoModelForImageTextToText": "onevision.auto",
+    "pipeline": "onevision.pipelines",
+    "ImageTextToTextPipeline": "onevision.pipelines",
     # configs
     "LlavaOnevisionConfig": "onevision.config",
     "SiglipVisionConfig": "onevision.config",
@@ -33,7 +35,7 @@ _EXPORTS = {
     "LlavaOnevisionVideoProcessor": "onevision.processing.video",
     "Qwen2TokenizerFast": "onevision.processing.tokenizer",
     # generation
-    "GenerationConfig": "onevision.generation.generate",
+    "GenerationConfig": "onevision.generation.config",
     "TextIteratorStreamer": "onevision.generation.streaming",
     "TextStreamer": "onevision.generation.streaming",
     # the engine

@@ -88,9 +88,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     """The serving engine's knobs (vLLM's names)."""
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences decoded together (default 16)")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
-                   help="new tokens per engine step; decodes first, then prompt chunks (default 256: lower keeps "
-                        "streams smoother while long prompts are read, higher reads prompts faster)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                   help="new tokens per engine step; decodes first, then prompt chunks (default 256 on CPU, 2048 on "
+                        "CUDA: lower keeps streams smoother while long prompts are read, higher reads prompts faster)")
     g.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
                    help="memory for the KV cache, e.g. 2GiB (default: a quarter of free memory, at most 4 GiB, on "
                         "CPU; 80%% of free memory on CUDA)")

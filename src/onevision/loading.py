@@ -25,15 +25,16 @@ from torch import nn
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
-# (checkpoint prefix, in-memory prefix); first match wins, so longer prefixes come first.
+# (hub checkpoint prefix, in-memory prefix): the one table both directions read. Reading, the first match wins,
+# so longer prefixes come first; _READ_ONLY adds the transformers v5 layout, which save_pretrained never writes.
 _PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("language_model.model.", "model.language_model."),
     ("vision_tower.vision_model.", "model.vision_tower."),
-    ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("image_newline", "model.image_newline"),
 )
+_READ_ONLY = (("vision_tower.", "model.vision_tower."),)
 # Tensors some checkpoints carry that the model derives itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
@@ -109,7 +110,7 @@ def to_model_key(name: str) -> str:
     """Checkpoint tensor name (any of the three layouts) -> in-memory name. Idempotent."""
     if name.startswith(("model.", "lm_head.")):
         return name
-    for old, new in _PREFIXES:
+    for old, new in _PREFIXES + _READ_ONLY:
         if name.startswith(old):
             return new + name[len(old):]
     return name
@@ -117,10 +118,7 @@ def to_model_key(name: str) -> str:
 
 def to_hub_key(name: str) -> str:
     """In-memory name -> the llava-hf hub layout (what `save_pretrained` writes)."""
-    table = (("lm_head.", "language_model.lm_head."), ("model.language_model.", "language_model.model."),
-             ("model.vision_tower.", "vision_tower.vision_model."),
-             ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"))
-    for new, old in table:
+    for old, new in _PREFIXES:
         if name.startswith(new):
             return old + name[len(new):]
     return name
@@ -228,11 +226,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, config_dtype: str | None, fol
         if config_dtype:
             return resolve_dtype(config_dtype, None, None)
         return checkpoint_dtype(folder) if folder else torch.get_default_dtype()
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, dtype.removeprefix("torch."))
-    raise ValueError(f"dtype must be a torch.dtype, 'auto' or a dtype name like 'float16', got {dtype!r}")
+    return parse_dtype(dtype, "dtype", "'auto'")
+
+
+def parse_dtype(value: str | torch.dtype, field: str, also: str = "") -> torch.dtype:
+    """A torch.dtype or its name ("float16", "torch.bfloat16") -> torch.dtype; `also` names other accepted values
+    for the error message."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    accepted = f"a torch.dtype, {also} or a dtype name like 'float16'" if also else \
+        "a torch.dtype or a dtype name like 'float16'"
+    raise ValueError(f"{field} must be {accepted}, got {value!r}")
 
 
 def resolve_device(device_map: str | int | torch.device | dict | None) -> torch.device:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from onevision.loading import parse_dtype
+
 INSTALL_HINT = 'pip install "onevision[quant]"  (or: pip install "bitsandbytes>=0.45")'
 _MIN_BNB = (0, 45)
 _QUANT_TYPES = ("fp4", "nf4")
@@ -39,13 +41,7 @@ _STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 
 
 def _to_dtype(value: Any, field: str, default: torch.dtype) -> torch.dtype:
-    if value is None:
-        return default
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, value.removeprefix("torch."))
-    raise ValueError(f"{field} must be a torch.dtype or a dtype name such as 'float16', got {value!r}")
+    return default if value is None else parse_dtype(value, field)
 
 
 @dataclasses.dataclass

@@ -38,15 +38,16 @@ class VisionEncoder:
     def busy(self) -> bool:
         return bool(self.queue) or self.job is not None
 
-    def ready(self, item: MediaItem) -> bool:
-        if item.features is None:
-            item.features = self.cache.get(item.hash)
-        return item.features is not None
+    @staticmethod
+    def ready(item: MediaItem) -> bool:
+        return item.features is not None  # an item keeps its features for its request's lifetime
 
     def request(self, items: list[MediaItem]) -> None:
-        """Queue the items that are neither cached nor already queued (those join the queued twin)."""
+        """Look each item up in the vision cache once; queue the misses (an item already queued gets a twin)."""
         for item in items:
-            if not self.ready(item):
+            if item.features is None:
+                item.features = self.cache.get(item.hash)
+            if item.features is None:
                 self.queue.setdefault(item.hash, []).append(item)
 
     def forget(self, items: list[MediaItem]) -> None:

@@ -3,6 +3,7 @@ at a time. Not thread-safe: one thread drives it (AsyncEngine runs it on its own
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -30,7 +31,8 @@ GiB = 1 << 30
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 16  # sequences decoding together
-    max_num_batched_tokens: int = 256  # new tokens per step (decodes first, then prefill chunks)
+    max_num_batched_tokens: int | None = None  # new tokens per step (decodes first, then prompt chunks);
+    # None: 256 on CPU (a step stays short, so running streams stay smooth), 2048 on CUDA
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: a share of free memory (default_kv_memory)
     vision_cache_memory: int = 512 << 20  # bytes of projected vision features kept by content hash
     block_size: int = 16
@@ -40,7 +42,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "max_num_batched_tokens") and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
@@ -71,7 +73,10 @@ class Engine:
     def __init__(self, model, processor, config: EngineConfig | None = None):
         self.model, self.processor = model, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.config = config = config or EngineConfig()
+        config = dataclasses.replace(config or EngineConfig())
+        if config.max_num_batched_tokens is None:
+            config.max_num_batched_tokens = 2048 if model.device.type == "cuda" else 256
+        self.config = config
         text = model.config.text_config
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         runner_dtype = ModelRunner.compute_dtype(model)
@@ -101,14 +106,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "auto", device: str = "cpu",
-                        quantize: str | None = None, **config: Any) -> Engine:
+                        quantize: str | None = None, processor: Any = None, **config: Any) -> Engine:
+        """Load a checkpoint folder or hub id (quantize: "int8" / "int4" weight-only, CPU) and its processor."""
         from onevision import AutoProcessor, LlavaOnevisionForConditionalGeneration, quantization
 
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
         if quantize:
             kwargs["quantization_config"] = quantization.torchao_config_for(quantize)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, **kwargs)
-        return cls(model, AutoProcessor.from_pretrained(path), EngineConfig(**config))
+        return cls(model, processor or AutoProcessor.from_pretrained(path), EngineConfig(**config))
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, inputs: Any, params: SamplingParams | None = None) -> str:

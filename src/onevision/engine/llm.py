@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from onevision.engine.engine import Engine, EngineConfig
@@ -23,17 +23,13 @@ class LLM:
     def __init__(self, model: str | os.PathLike | Any, processor: Any = None, *, dtype: Any = "auto",
                  device: str = "cpu", quantize: str | None = None, **engine_config: Any):
         if isinstance(model, (str, os.PathLike)):
-            from onevision import AutoProcessor, LlavaOnevisionForConditionalGeneration, quantization
-
-            kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
-            if quantize:
-                kwargs["quantization_config"] = quantization.torchao_config_for(quantize)
-            processor = processor or AutoProcessor.from_pretrained(model)
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(model, **kwargs)
+            self.engine = Engine.from_pretrained(model, dtype=dtype, device=device, quantize=quantize,
+                                                 processor=processor, **engine_config)
         elif processor is None:
             raise ValueError("LLM(model_object) needs processor=...; or pass a model folder or hub id")
-        self.processor = processor
-        self.engine = Engine(model, processor, EngineConfig(**engine_config))
+        else:
+            self.engine = Engine(model, processor, EngineConfig(**engine_config))
+        self.processor = self.engine.processor
 
     def get_tokenizer(self):
         return self.processor.tokenizer

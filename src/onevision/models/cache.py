@@ -95,23 +95,39 @@ class PagedKVCache:
 class PagedBatch:
     """One engine step over a flat batch of N new tokens from several sequences (passed as the model's `cache`).
 
-    slots (N,): where each new token's K/V is written. segments: per sequence (q_start, q_len, context) where the
-    sequence's new queries are q[q_start:q_start+q_len] and it attends to `context` keys, read from the pool at
-    `gather` (context,) slots (its earlier tokens then the new ones, causally)."""
+    slots (N,): where each new token's K/V is written. segments: per sequence (q_start, q_len, gather) where the
+    sequence's new queries are q[q_start:q_start+q_len] and it attends to the keys read from the pool at
+    `gather` (context,) slots: its earlier tokens, then the new ones, causally. Decoding sequences (one query
+    each) attend together in one padded SDPA call; prompt chunks one call each."""
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]],
                  varlen=None):
         self.cache, self.slots, self.segments = cache, slots, segments
         self.length = 0  # the model's KVCache interface: positions come from the caller
-        self.varlen = varlen  # flash-attn's flash_attn_varlen_func on CUDA (fp16/bf16), else per-sequence SDPA
+        self.varlen = varlen  # flash-attn's flash_attn_varlen_func on CUDA (fp16/bf16), else SDPA
+        device = slots.device
         if varlen is not None:
             lengths_q = [0] + [q_len for _, q_len, _ in segments]
             lengths_k = [0] + [g.shape[0] for _, _, g in segments]
-            device = slots.device
             self.cu_q = torch.tensor(lengths_q, device=device).cumsum(0).to(torch.int32)
             self.cu_k = torch.tensor(lengths_k, device=device).cumsum(0).to(torch.int32)
             self.max_q, self.max_k = max(lengths_q), max(lengths_k)
             self.gather_all = torch.cat([g for _, _, g in segments])
+            return
+        decode = [(start, g) for start, q_len, g in segments if q_len == 1]
+        self.chunks = [seg for seg in segments if seg[1] > 1]
+        self.decode_rows = None
+        if len(decode) > 1:
+            width = max(g.shape[0] for _, g in decode)
+            index = torch.zeros(len(decode), width, dtype=torch.long, device=device)
+            for i, (_, g) in enumerate(decode):
+                index[i, :g.shape[0]] = g
+            lengths = torch.tensor([g.shape[0] for _, g in decode], device=device)
+            self.decode_rows = torch.tensor([start for start, _ in decode], device=device)
+            self.decode_index = index  # (B, width) pool slots, padded with slot 0 (masked out)
+            self.decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None]
+        else:
+            self.chunks = segments
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) new tokens -> (1, H, N, D); stores k/v in the pool first."""
@@ -124,8 +140,20 @@ class PagedBatch:
             out = self.varlen(q[0].transpose(0, 1), keys[self.gather_all], values[self.gather_all], self.cu_q,
                               self.cu_k, self.max_q, self.max_k, softmax_scale=scale, causal=True)
             return out.transpose(0, 1)[None]
-        outs = []
-        for start, q_len, gather in self.segments:
+        if not self.chunks and self.decode_rows is None:
+            return q  # nothing scheduled
+        out = torch.empty_like(q) if self.decode_rows is not None or len(self.chunks) > 1 else None
+        if self.decode_rows is not None:
+            # one query per sequence: two small matmuls beat SDPA's dispatch (and its threads) at this size
+            kk = keys[self.decode_index].permute(0, 2, 1, 3)  # (B, H_kv, width, D)
+            vv = values[self.decode_index].permute(0, 2, 1, 3)
+            b, h_kv = kk.shape[:2]
+            qq = q[0, :, self.decode_rows].transpose(0, 1).reshape(b, h_kv, -1, q.shape[-1])  # (B, H_kv, rep, D)
+            scores = torch.matmul(qq, kk.transpose(-1, -2)).float() * scale  # (B, H_kv, rep, width)
+            probs = torch.softmax(scores.masked_fill(~self.decode_mask, float("-inf")), dim=-1).to(q.dtype)
+            rows = torch.matmul(probs, vv).reshape(b, -1, q.shape[-1])  # (B, H, D)
+            out[0, :, self.decode_rows] = rows.transpose(0, 1)
+        for start, q_len, gather in self.chunks:
             ctx = gather.shape[0]
             kk = keys[gather].transpose(0, 1)[None]  # (1, H_kv, ctx, D)
             vv = values[gather].transpose(0, 1)[None]
@@ -135,8 +163,11 @@ class PagedBatch:
             else:  # a chunk after cached tokens: query i sees keys up to ctx - q_len + i
                 mask = (torch.arange(q_len, device=q.device)[:, None] + (ctx - q_len)
                         >= torch.arange(ctx, device=q.device)[None, :])[None, None]
-            outs.append(sdpa(qq, kk, vv, mask, True, scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            result = sdpa(qq, kk, vv, mask, True, scale)
+            if out is None:
+                return result
+            out[:, :, start:start + q_len] = result
+        return out
 
     def advance(self) -> None:
         pass

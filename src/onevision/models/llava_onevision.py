@@ -17,7 +17,6 @@ from torch import nn
 from onevision import geometry
 from onevision.config import LlavaOnevisionConfig
 from onevision.models.cache import KVCache
-from onevision.generation.generate import GenerationConfig
 from onevision.models import attention
 from onevision.models.outputs import ModelOutput
 from onevision.models.qwen2 import Qwen2Model
@@ -152,6 +151,15 @@ class LlavaOnevisionModel(nn.Module):
         packed = [self.pack_image(f, tuple(size), aspect) for f, size in zip(feats, image_sizes.tolist())]
         return ModelOutput(pooler_output=packed)
 
+    # -- the vision stage on its own: features computed once can be passed to forward/generate -------------
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """Placeholder features per image [(n_i, C)]; pass them as forward(..., image_features=...)."""
+        return list(self.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images).pooler_output)
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
+        """Placeholder features per video [(T*pooled + 1, C)]; pass them as forward(..., video_features=...)."""
+        return list(self.get_video_features(pixel_values_videos).pooler_output)
+
     # -- the engine's vision stage: tiles are encoded in any grouping, then packed per media item ------------
     def encode_tiles(self, tiles: torch.Tensor):
         """Start encoding (T, 3, H, W) tiles of any images or video frames (each tile is independent, so the
@@ -237,8 +245,9 @@ class LlavaOnevisionModel(nn.Module):
         kwargs.pop("cache_position", None)  # positions come from the cache's own length
         kwargs.pop("token_type_ids", None)
         kwargs.pop("mm_token_type_ids", None)  # an optional processor output the model does not need
-        if kwargs:
-            raise TypeError(f"unexpected argument(s) {sorted(kwargs)} to {type(self).__name__}.forward")
+        unknown = set(kwargs) - {"image_features", "video_features"}
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)} to {type(self).__name__}.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         past_key_values = cache if past_key_values is None else past_key_values
@@ -246,18 +255,26 @@ class LlavaOnevisionModel(nn.Module):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_features = video_features = None
-        if pixel_values is not None:
+        image_features, video_features = kwargs.pop("image_features", None), kwargs.pop("video_features", None)
+        per_image = image_features if isinstance(image_features, (list, tuple)) else None
+        if image_features is None and pixel_values is not None:
             # the placeholder aspect ratio always comes from config, like the reference (SPEC §8.12)
             per_image = self.get_image_features(pixel_values, image_sizes, vision_feature_layer,
                                                 vision_feature_select_strategy,
                                                 batch_num_images=batch_num_images).pooler_output
-            image_features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_features = per_image
+        if image_features is not None:  # computed here, or precomputed by encode_images
+            if isinstance(image_features, (list, tuple)):
+                image_features = torch.cat(list(image_features), dim=0)
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        if pixel_values_videos is not None:
+        if video_features is None and pixel_values_videos is not None:
             video_features = self.get_video_features(pixel_values_videos, vision_feature_layer,
                                                      vision_feature_select_strategy).pooler_output
+        if video_features is not None:  # computed here, or precomputed by encode_videos
+            if isinstance(video_features, (list, tuple)):
+                video_features = torch.stack(list(video_features))
             flat = video_features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
             _, mask = self.get_placeholder_mask(input_ids, inputs_embeds, video_features=flat)
             inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
@@ -290,6 +307,8 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.tie_weights()
         self.set_attn_implementation(attn_implementation or "sdpa")
+        from onevision.generation.config import GenerationConfig  # data only; models never import generation code
+
         self.generation_config = GenerationConfig.from_model_config(config)
 
     # -- properties of the transformers API --------------------------------------------------------------
@@ -443,7 +462,7 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         rotary = model.model.language_model.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq(device)
         model.config.dtype = str(dtype).removeprefix("torch.")
-        model.generation_config = GenerationConfig.from_model_folder(folder, config)
+        model.generation_config = type(model.generation_config).from_model_folder(folder, config)
         model.name_or_path = str(path_or_repo_id)
         return model.eval()
 

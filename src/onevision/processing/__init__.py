@@ -7,6 +7,7 @@ processors return (`.to(device, dtype)` casts floating tensors only, like transf
 from __future__ import annotations
 
 import json
+import os
 from collections import UserDict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,48 @@ def read_json(path: Path) -> dict:
 
 class ProcessingError(ValueError):
     """The input can't be processed (wrong count of placeholders, unreadable media, unsupported content...)."""
+
+
+class ConfigFile:
+    """Settings I/O shared by the image and video processors: `config_keys` in one JSON file, found where
+    transformers looks (the class's own files, then its section of processor_config.json, then `shared_files`:
+    an older layout's file of another processor, of which only `config_keys` are read)."""
+
+    config_files: tuple[str, ...] = ()  # the first is what save_pretrained writes
+    processor_config_key = ""  # e.g. "image_processor"
+    shared_files: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    type_name = ""  # the reference's class name, written as `<kind>_processor_type`
+
+    @classmethod
+    def from_dict(cls, config: dict, **overrides):
+        return cls(**{**config, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides):
+        folder = Path(path)
+        for name in cls.config_files:
+            if (folder / name).is_file():
+                return cls.from_dict(read_json(folder / name), **overrides)
+        section = read_json(folder / "processor_config.json").get(cls.processor_config_key)
+        if section is not None:
+            return cls.from_dict(section, **overrides)
+        for name in cls.shared_files:
+            if (folder / name).is_file():
+                config = read_json(folder / name)
+                return cls.from_dict({k: v for k, v in config.items() if k in cls.config_keys}, **overrides)
+        looked = [*cls.config_files, f"processor_config.json ({cls.processor_config_key!r})", *cls.shared_files]
+        raise FileNotFoundError(f"no {cls.processor_config_key.replace('_', ' ')} settings in {folder}: expected one "
+                                f"of {looked}. Pass the model folder (or hub repo id) that holds the processor files.")
+
+    def to_dict(self) -> dict:
+        kind = self.processor_config_key
+        return {**{k: getattr(self, k) for k in self.config_keys}, f"{kind}_type": self.type_name}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        (Path(save_directory) / self.config_files[0]).write_text(text)
 
 
 def merged_options(processor: Any, keys: tuple[str, ...], overrides: dict[str, Any], accepted: set[str],

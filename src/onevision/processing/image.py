@@ -13,8 +13,6 @@ images gives one patch each (padded to square with colour int(255*mean), then re
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,7 @@ from PIL import Image
 
 from onevision.config import DEFAULT_PINPOINTS
 from onevision.geometry import padding_for_patching, resize_for_patching, select_best_resolution
-from onevision.processing import BatchFeature, ProcessingError, merged_options
+from onevision.processing import BatchFeature, ConfigFile, ProcessingError, merged_options
 from onevision.processing.media import load_image
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -40,6 +38,13 @@ def composite_on_white_pil(image: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
     return np.array(image.convert("RGB"))
+
+
+def tile_size(size: dict) -> tuple[int, int]:
+    """(h, w) of a processed patch or video frame from a `size` setting ({"height", "width"} or {"shortest_edge"})."""
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    return int(size["shortest_edge"]), int(size["shortest_edge"])
 
 
 def channels_first(shape: tuple[int, ...], data_format: str | None = None) -> bool:
@@ -73,10 +78,14 @@ def split_batch(images: Any) -> tuple[list[Any], list[int]]:
     return [images], [1]
 
 
-class _ImageProcessorBase:
-    """Config handling and the anyres algorithm; subclasses provide the backend's pixel operations."""
+class _ImageProcessorBase(ConfigFile):
+    """The anyres algorithm (settings I/O from ConfigFile); subclasses provide the backend's pixel operations."""
 
     backend = ""
+    config_files = ("preprocessor_config.json",)
+    processor_config_key = "image_processor"
+    config_keys = _CONFIG_KEYS
+    type_name = "LlavaOnevisionImageProcessor"
     model_input_names = ["pixel_values", "image_sizes", "batch_num_images"]
 
     def __init__(self, do_convert_rgb: bool = True, do_normalize: bool = True, do_pad: bool = True,
@@ -93,35 +102,10 @@ class _ImageProcessorBase:
         if int(resample) != 3:
             raise ProcessingError(f"only bicubic resampling (3) is implemented, got resample={resample}")
 
-    # ---------------------------------------------------------------- config
-    @classmethod
-    def from_dict(cls, config: dict, **overrides):
-        return cls(**{**config, **overrides})
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides):
-        folder = Path(path)
-        if (folder / "preprocessor_config.json").is_file():
-            config = json.loads((folder / "preprocessor_config.json").read_text())
-        else:
-            config = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
-        return cls.from_dict(config, **overrides)
-
-    def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in _CONFIG_KEYS}
-        out["image_processor_type"] = "LlavaOnevisionImageProcessor"
-        return out
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        Path(save_directory).mkdir(parents=True, exist_ok=True)
-        (Path(save_directory) / "preprocessor_config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @property
     def tile(self) -> tuple[int, int]:
         """(h, w) of a processed patch (384, 384)."""
-        if "height" in self.size:
-            return int(self.size["height"]), int(self.size["width"])
-        return int(self.size["shortest_edge"]), int(self.size["shortest_edge"])
+        return tile_size(self.size)
 
     # ---------------------------------------------------------------- the algorithm
     def __call__(self, images, **kwargs) -> BatchFeature:
@@ -133,8 +117,7 @@ class _ImageProcessorBase:
                                                              "input_data_format", "data_format"}, "image")
         flat, batch_num_images = split_batch(images)
         need_patching = [n == 1 for n in batch_num_images for _ in range(n)]
-        size = cfg["size"]
-        tile = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        tile = tile_size(cfg["size"])
         background = tuple(int(m * 255) for m in cfg["image_mean"])
         pixel_values, image_sizes = [], []
         for image, patched in zip(flat, need_patching, strict=True):

@@ -8,16 +8,15 @@ num_frames / fps), with the reference's indices.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from onevision.processing import BatchFeature, ProcessingError, merged_options
-from onevision.processing.image import CLIP_MEAN, CLIP_STD, LlavaOnevisionImageProcessor, channels_first
+from onevision.processing import BatchFeature, ConfigFile, ProcessingError, merged_options
+from onevision.processing.image import (CLIP_MEAN, CLIP_STD, LlavaOnevisionImageProcessor, channels_first,
+                                        tile_size)
 from onevision.processing.media import load_image, load_video, sample_indices
 
 _CONFIG_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "do_sample_frames", "image_mean",
@@ -61,10 +60,16 @@ def split_videos(videos) -> list:
     return flat
 
 
-class LlavaOnevisionVideoProcessor:
+class LlavaOnevisionVideoProcessor(ConfigFile):
     """pixel_values_videos: per video (T, 3, 384, 384) float32; stacked to (N, T, 3, 384, 384) for "pt"."""
 
     model_input_names = ["pixel_values_videos"]
+    config_files = ("video_preprocessor_config.json", "video_processor/preprocessor_config.json",
+                    "video_processor/video_preprocessor_config.json")
+    processor_config_key = "video_processor"
+    shared_files = ("preprocessor_config.json",)  # old layouts share the image processor's values
+    config_keys = _CONFIG_KEYS
+    type_name = "LlavaOnevisionVideoProcessor"
 
     def __init__(self, do_convert_rgb: bool = True, do_normalize: bool = True, do_rescale: bool = True,
                  do_resize: bool = True, do_sample_frames: bool = False, image_mean=None, image_std=None,
@@ -79,35 +84,6 @@ class LlavaOnevisionVideoProcessor:
         self.num_frames, self.fps = num_frames, fps
         self._frames = LlavaOnevisionImageProcessor(resample=resample)  # shares the exact resize/normalize ops
 
-    @classmethod
-    def from_dict(cls, config: dict, **overrides):
-        return cls(**{**config, **overrides})
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides):
-        folder = Path(path)
-        for name in ("video_preprocessor_config.json", "video_processor/preprocessor_config.json",
-                     "video_processor/video_preprocessor_config.json"):
-            if (folder / name).is_file():
-                return cls.from_dict(json.loads((folder / name).read_text()), **overrides)
-        if (folder / "processor_config.json").is_file():
-            config = json.loads((folder / "processor_config.json").read_text()).get("video_processor")
-            if config is not None:
-                return cls.from_dict(config, **overrides)
-        if (folder / "preprocessor_config.json").is_file():  # old layouts share the image processor's values
-            config = json.loads((folder / "preprocessor_config.json").read_text())
-            keep = {k: v for k, v in config.items() if k in _CONFIG_KEYS}
-            return cls.from_dict(keep, **overrides)
-        return cls(**overrides)
-
-    def to_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in _CONFIG_KEYS}, "video_processor_type": "LlavaOnevisionVideoProcessor"}
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        Path(save_directory).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        (Path(save_directory) / "video_preprocessor_config.json").write_text(text)
-
     def __call__(self, videos, **kwargs) -> BatchFeature:
         return self.preprocess(videos, **kwargs)
 
@@ -117,8 +93,7 @@ class LlavaOnevisionVideoProcessor:
         sample = bool(cfg["do_sample_frames"])
         if sample and cfg["num_frames"] is not None and cfg["fps"] is not None:
             raise ProcessingError("num_frames and fps are mutually exclusive; pass only one")
-        size = cfg["size"]
-        tile = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        tile = tile_size(cfg["size"])
         out = []
         for video in split_videos(videos):
             frames = self._frames_of(video, cfg if sample else None, overrides.get("input_data_format"))  # (T,C,H,W)
