@@ -51,7 +51,7 @@ class ModelFacts:
         import torch
 
         from onevision.config import LlavaOnevisionConfig
-        from onevision.generation.generate import GenerationConfig
+        from onevision.generation.config import GenerationConfig
         from onevision.loading import resolve_files
 
         hub = {"revision": revision} if revision else {}
