@@ -110,7 +110,7 @@ def engine_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onevision", description="LLaVA-OneVision in pure PyTorch: chat in the "
-                                     "terminal or serve an OpenAI-compatible API.")
+                                     "terminal, serve an OpenAI-compatible API, or run offline batch jobs.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{chat,serve,batch}")
 
