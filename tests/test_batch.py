@@ -257,3 +257,18 @@ def test_ray_without_ray_installed_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install \"onevision\[ray\]\""):
         run(str(source), str(tmp_path / "out.jsonl"), model="unused", ray=True)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_served_model_name_refuses_other_models_and_the_cpu_stage_needs_no_weights(tiny_ckpt):
+    from onevision import AutoProcessor
+    from onevision.batch import ModelFacts, State, build
+    from onevision.batch.records import Request
+    from onevision.server.app import ServerConfig
+    from onevision.server.errors import NotFound
+
+    # what Ray's CPU stage runs: the server's checks on a weightless view of the model
+    state = State(ModelFacts(str(tiny_ckpt)), AutoProcessor.from_pretrained(tiny_ckpt), ServerConfig(model_name="tiny"))
+    inputs, params, prompt_tokens, copies = build(Request(1, "a", chat(user("hi"), max_tokens=2, n=3)), state)
+    assert params.max_tokens == 2 and params.greedy and copies == 3 and inputs["input_ids"].shape[1] == prompt_tokens
+    with pytest.raises(NotFound, match="`other`.*`tiny`"):
+        build(Request(2, "b", {**chat(user("hi")), "model": "other"}), state)
