@@ -2,8 +2,10 @@
 
     onevision chat [--model M] [--image PATH_OR_URL ...] [--video PATH --num-frames 8] [PROMPT]
     onevision serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] ...
+    onevision batch [--model M] --input requests.jsonl --output results.jsonl [--ray] ...
 
-Errors are one readable line on stderr and a non-zero exit code (1: error, 2: bad usage, 130: interrupted).
+Errors are one readable line on stderr and a non-zero exit code (1: error, 2: bad usage, 130: interrupted);
+`batch` exits 1 when any line of the input has an error record.
 """
 
 from __future__ import annotations
@@ -108,9 +110,9 @@ def engine_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onevision", description="LLaVA-OneVision in pure PyTorch: chat in the "
-                                     "terminal or serve an OpenAI-compatible API.")
+                                     "terminal, serve an OpenAI-compatible API, or run offline batch jobs.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{chat,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{chat,serve,batch}")
 
     chat = sub.add_parser("chat", help="answer one prompt (streamed), or chat interactively without PROMPT",
                           description="Without PROMPT: interactive chat; type /help for commands (/image, /video, "
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _engine_args(serve)
     _serve_limits(serve)
+    _batch_args(sub)
     return parser
 
 
@@ -207,6 +210,57 @@ def _serve_limits(serve: argparse.ArgumentParser) -> None:
                    help="seconds to receive a request body; slower gets 408 (default 60)")
     g.add_argument("--max-json-elements", type=_positive_int, default=200_000,
                    help="JSON values in a request body; more gets 413 (default 200,000)")
+
+
+
+def _batch_args(sub) -> None:
+    batch = sub.add_parser(
+        "batch", help="offline job: a JSONL of chat completion requests (OpenAI batch format) -> results JSONL",
+        description="Each input line: {\"custom_id\": ..., \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {chat completion request}}. Each result is appended to --output as it finishes; a rerun with the "
+        "same --output skips what is already answered. Exit code 0 only if every line succeeded.")
+    _model_args(batch)
+    batch.add_argument("--input", "-i", required=True, metavar="FILE", help="requests, one JSON object per line")
+    batch.add_argument("--output", "-o", required=True, metavar="FILE",
+                       help="results (appended; an existing file is resumed)")
+    batch.add_argument("--served-model-name", default=None,
+                       help="refuse lines whose body.model differs (default: accept any; records name --model)")
+    batch.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// media URLs for files under DIR")
+    batch.add_argument("--allow-remote-media", action="store_true",
+                       help="allow http(s) media URLs (public addresses only; redirects re-checked)")
+    batch.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
+    batch.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
+    batch.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
+    batch.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000,
+                       help="largest width*height accepted, checked before decoding (default 50M)")
+    batch.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
+    batch.add_argument("--default-max-tokens", type=_positive_int, default=1024,
+                       help="completion limit when a request sets none (default 1024, capped by the context)")
+    batch.add_argument("--max-in-flight", type=_positive_int, default=None,
+                       help="requests prepared and in the engine at once (default 2 x max-num-seqs)")
+    batch.add_argument("--media-threads", type=_positive_int, default=4,
+                       help="threads decoding media and building inputs ahead of the engine (default 4)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _engine_args(batch)
+    ray = batch.add_argument_group("Ray (pip install 'onevision[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (a local Ray cluster unless "
+                     "--ray-address)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="an existing Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
+    ray.add_argument("--ray-replicas", metavar="N", type=_positive_int, default=1,
+                     help="engine actors, one engine each (default 1)")
+    ray.add_argument("--ray-num-cpus", metavar="N", type=_positive_float, default=1.0,
+                     help="CPUs per engine actor (default 1)")
+    ray.add_argument("--ray-num-gpus", metavar="N", type=float, default=0.0, help="GPUs per engine actor (default 0)")
+    ray.add_argument("--ray-prepare-workers", metavar="N", type=_positive_int, default=1,
+                     help="CPU actors decoding media and building inputs (default 1)")
+    ray.add_argument("--ray-prepare-cpus", metavar="N", type=_positive_float, default=1.0,
+                     help="CPUs per prepare actor (default 1)")
+    ray.add_argument("--ray-batch-size", metavar="N", type=_positive_int, default=16,
+                     help="requests per Ray batch (default 16)")
+    ray.add_argument("--ray-batches-per-replica", metavar="N", type=_positive_int, default=4,
+                     help="Ray batches an engine actor runs at once, in one continuous batch (default 4)")
 
 
 def _status(message: str) -> None:
@@ -569,6 +623,59 @@ def _default_connections() -> int:
     return 256 if soft == resource.RLIM_INFINITY else max(8, min(256, soft // 2))
 
 
+# --------------------------------------------------------------------------- batch
+def run_batch(args: argparse.Namespace) -> int:
+    try:
+        from onevision.batch import run
+        from onevision.server.app import ServerConfig
+        from onevision.server.media import MediaLimits
+    except ImportError as e:
+        raise CLIError(f"batch jobs need extra packages ({e.name} is missing): pip install 'onevision[server]'"
+                       ) from None
+    if not os.path.isfile(args.input):
+        raise CLIError(f"--input {args.input!r} is not a file")
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        raise CLIError("--output must not be the --input file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise CLIError(f"--output: the folder {folder!r} does not exist")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from onevision.loading import cuda_unavailable_message
+
+            raise CLIError(cuda_unavailable_message(f"--device {device}", "--device cpu (or leave --device out)"))
+    limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
+                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
+    config = ServerConfig(model_name=args.served_model_name, media=limits, max_images=args.max_images,
+                          max_videos=args.max_videos, max_n=args.max_n, default_max_tokens=args.default_max_tokens)
+    import dataclasses
+
+    engine_kwargs = dataclasses.asdict(engine_config(args))
+    use_ray = args.ray or args.ray_address is not None
+    if not use_ray and device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _status(f"Batch job {args.input} -> {args.output} with {args.model}" + (" on Ray" if use_ray else "") + " ...")
+    summary = run(args.input, args.output, model=args.model, config=config, dtype=args.dtype, device=device,
+                  quantize=args.quantize, revision=args.revision, engine_kwargs=engine_kwargs,
+                  max_in_flight=args.max_in_flight, media_threads=args.media_threads,
+                  progress=not args.no_progress, ray=use_ray, ray_address=args.ray_address,
+                  ray_replicas=args.ray_replicas, ray_num_cpus=args.ray_num_cpus, ray_num_gpus=args.ray_num_gpus,
+                  ray_prepare_workers=args.ray_prepare_workers, ray_prepare_cpus=args.ray_prepare_cpus,
+                  ray_batch_size=args.ray_batch_size, ray_batches_per_replica=args.ray_batches_per_replica)
+    if summary.repaired_bytes:
+        _status(f"(cut off a torn last line of {summary.repaired_bytes} bytes from {args.output}; its request ran "
+                "again)")
+    _status(summary.describe())
+    return summary.exit_code
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
@@ -587,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return run_chat(args) if args.command == "chat" else run_serve(args)
+        return {"chat": run_chat, "serve": run_serve, "batch": run_batch}[args.command](args)
     except KeyboardInterrupt:
         _status("interrupted")
         return 130

@@ -245,6 +245,9 @@ def _validation_error(errors: list[dict]) -> InvalidRequest:
         return InvalidRequest("the request body must be a JSON object with 'model' and 'messages'",
                               code="invalid_body")
     message = str(first.get("msg", "invalid value"))
+    got = first.get("input")
+    if isinstance(got, (bool, int, float)) or (isinstance(got, str) and len(got) <= 40):  # say what was sent
+        message += f" (got {json.dumps(got, ensure_ascii=False)})"
     return InvalidRequest(f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
