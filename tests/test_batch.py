@@ -71,7 +71,7 @@ BAD = [
      ["/v1/chat/completions", "/v1/completions"]),
     (line("text-short", chat(user("again"))), None, "duplicate_custom_id", ["text-short", "earlier line"]),
     (line("bad-image", chat(user(image("data:image/png;base64,aGVsbG8="), "What?"))), "bad-image", "invalid_image",
-     ["could not decode the image"]),
+     ["could not read the image", "png, jpeg"]),
     (line("bad-temperature", chat(user("hi"), temperature=7)), "bad-temperature", "invalid_value",
      ["temperature", "got 7"]),
     (line("bad-logprobs", chat(user("hi"), logprobs=True)), "bad-logprobs", "unsupported_parameter", ["logprobs"]),
