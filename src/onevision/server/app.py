@@ -392,7 +392,7 @@ async def _prepare(state: _State, request: Request, body: ChatCompletionRequest)
             return chat.prepare(body, state)
 
     future = asyncio.get_running_loop().run_in_executor(state.pool, run)
-    gone = asyncio.ensure_future(_disconnected(request.receive))
+    gone = asyncio.ensure_future(chat.wait_disconnect(request.receive))
     try:
         await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -403,11 +403,6 @@ async def _prepare(state: _State, request: Request, body: ChatCompletionRequest)
         await asyncio.gather(future, return_exceptions=True)
         raise APIError("the client disconnected", status=499, code="client_disconnected")
     return future.result()
-
-
-async def _disconnected(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def server_options(config: ServerConfig, http: str = "auto") -> dict:

@@ -175,11 +175,10 @@ def sampling_params(body: ChatCompletionRequest, model, max_new: int):
 
 
 # --------------------------------------------------------------------------- answering
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def wait_disconnect(receive) -> None:
+    """Return once the client has gone (the one disconnect listener: preparing, answering and streaming)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(job: Job, rows: int) -> tuple[list[str], list[str], list[int]]:
@@ -201,7 +200,7 @@ async def _collect(job: Job, rows: int) -> tuple[list[str], list[str], list[int]
 
 async def complete(job: Job, request: Request, meta: dict, n: int, copies: int, prompt_tokens: int):
     collect = asyncio.ensure_future(_collect(job, job.rows))
-    gone = asyncio.ensure_future(_wait_disconnect(request))
+    gone = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -275,7 +274,7 @@ class SSEResponse(Response):
         headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         stream = asyncio.ensure_future(self._stream(send))
-        gone = asyncio.ensure_future(self._listen(receive))
+        gone = asyncio.ensure_future(wait_disconnect(receive))
         try:
             await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -293,13 +292,6 @@ class SSEResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client went away while we were writing
             self.job.cancel()
-
-    @staticmethod
-    async def _listen(receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
 
 
 __all__ = ["SSEResponse", "check_request", "complete", "prepare", "sampling_params", "sse_events"]
