@@ -77,8 +77,10 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device | str):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # empty, not zeros: a page of the pool costs memory only once a block on it is first written, and only
+        # written slots are ever read (padding reads repeat a sequence's own first slot)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -119,12 +121,13 @@ class PagedBatch:
         self.decode_rows = None
         if len(decode) > 1:
             width = max(g.shape[0] for _, g in decode)
-            index = torch.zeros(len(decode), width, dtype=torch.long, device=device)
+            index = torch.empty(len(decode), width, dtype=torch.long, device=device)
             for i, (_, g) in enumerate(decode):
                 index[i, :g.shape[0]] = g
+                index[i, g.shape[0]:] = g[0]  # padding: a slot this sequence wrote (finite), masked out below
             lengths = torch.tensor([g.shape[0] for _, g in decode], device=device)
             self.decode_rows = torch.tensor([start for start, _ in decode], device=device)
-            self.decode_index = index  # (B, width) pool slots, padded with slot 0 (masked out)
+            self.decode_index = index  # (B, width) pool slots
             self.decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None]
         else:
             self.chunks = segments
