@@ -122,14 +122,14 @@ def test_quant_kernel_choice_on_both_branches(monkeypatch):
     # decode, fp32 GEMM on the dequantized weight from DEQUANT_FROM_ROWS rows (prefill)
     for kind in ("int8", "int4"):
         assert cpu.quant_plan(kind, BF16_FAST)["dequant_from_rows"] is None
-        assert cpu.quant_plan(kind, NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS
-    assert cpu.DEQUANT_FROM_ROWS > 16  # the engine's batched decode (<= 16 sequences) stays packed
+        assert cpu.quant_plan(kind, NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS[kind]
+        assert cpu.DEQUANT_FROM_ROWS[kind] > 16  # the engine's batched decode (<= 16 sequences) stays packed
     with pytest.raises(ValueError, match="int8 or int4"):
         cpu.quant_plan("int2")
     # an int4 packing this torch lays out differently than _unpack_int4 reads keeps int4 packed everywhere
     monkeypatch.setattr(cpu, "int4_layout_known", lambda: False)
     assert cpu.quant_plan("int4", NO_BF16)["dequant_from_rows"] is None
-    assert cpu.quant_plan("int8", NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS
+    assert cpu.quant_plan("int8", NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS["int8"]
 
 
 def test_int4_layout_is_known_and_dequantize_equals_the_kernels_weight():
@@ -150,7 +150,9 @@ def test_quantized_linear_takes_the_chosen_path_by_rows(kind, caps, monkeypatch)
     m = cpu.pack_weight(w, kind, group_size=64)
     assert m.dequant_from_rows == cpu.quant_plan(kind, caps)["dequant_from_rows"]
     weight = m.dequantize() if kind == "int4" else m.qdata.float() * m.scale[:, None]
-    for rows in (1, 8, 16, cpu.DEQUANT_FROM_ROWS, 64):
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, kind, 32)
+    m = cpu.pack_weight(w, kind, group_size=64)
+    for rows in (1, 8, 16, 31, 32, 64):
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         if kind == "int8":
             packed = (torch._weight_int8pack_mm(x, m.qdata, m.ones) * m.scale).to(torch.bfloat16)
@@ -159,7 +161,7 @@ def test_quantized_linear_takes_the_chosen_path_by_rows(kind, caps, monkeypatch)
         else:
             packed = torch._weight_int4pack_mm_for_cpu(x, m.qdata, 64, m.scale_and_zero)
             dequant = torch.nn.functional.linear(x.float(), weight).to(torch.bfloat16)
-        expect = dequant if caps is NO_BF16 and rows >= cpu.DEQUANT_FROM_ROWS else packed
+        expect = dequant if caps is NO_BF16 and rows >= 32 else packed
         assert torch.equal(m(x), expect), (rows, caps)
         # either way the product is the dequantized weight's, to bf16 rounding
         torch.testing.assert_close(m(x).float(), torch.nn.functional.linear(x.float(), weight), rtol=2e-2, atol=5e-2)
@@ -172,7 +174,7 @@ def test_int8_logits_no_further_from_fp32_than_transformers_torchao(tiny_ckpt, f
     from onevision import TorchAoConfig
 
     # the 12-token prompt takes the dequantized-fp32 path on the branch without bf16 arithmetic
-    monkeypatch.setattr(cpu, "DEQUANT_FROM_ROWS", 8)
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, "int8", 8)
     monkeypatch.setattr(cpu, "probe", lambda: caps)
     ref = load_ref(tiny_ckpt, dtype=torch.bfloat16, quantization_config=RefConfig(quant_type=Int8WeightOnlyConfig()))
     ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
@@ -186,7 +188,7 @@ def test_int8_logits_no_further_from_fp32_than_transformers_torchao(tiny_ckpt, f
 
 @BRANCHES
 def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckpt, fp32_logits, caps, monkeypatch):
-    monkeypatch.setattr(cpu, "DEQUANT_FROM_ROWS", 8)
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, "int4", 8)
     monkeypatch.setattr(cpu, "probe", lambda: caps)
     # transformers 5.24 + torchao 0.18 cannot load Int4WeightOnlyConfig on CPU (torchao's Int4Tensor needs the
     # mslk package); the oracle is torchao's CPU int4 config applied to transformers' bf16 model

@@ -11,7 +11,7 @@ The model's forward structure is untouched: only `nn.Linear` modules are replace
 * int8 / int4 weight-only (torchao configs, see quantization.py): packed once. Which kernel a call takes depends on
   the CPU (`quant_plan`) and on the rows it multiplies (M: 1..16 in decode, the prompt length in prefill):
   - `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` with bf16 activations for every M on a CPU
-    with bf16 arithmetic (avx512_bf16 or AMX), and for decode (M <= DEQUANT_FROM_ROWS - 1) everywhere: their
+    with bf16 arithmetic (avx512_bf16 or AMX), and for decode (M < DEQUANT_FROM_ROWS) everywhere: their
     AVX-512/AVX2 tinygemm kernels exist for bf16 activations only (fp32 activations take a scalar loop, 3-25x
     slower, benchmarks/cpu_kernels.py) and need no bf16 arithmetic (bf16 -> fp32 by shifts, fp32 FMAs).
   - On a CPU without bf16 arithmetic, prefill (M >= DEQUANT_FROM_ROWS) dequantizes the weight to fp32 per call
@@ -33,10 +33,12 @@ COMPUTE_MODES = ("auto", "reference")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 
 
-# On a CPU without bf16 arithmetic, int8/int4 linears multiplying at least this many rows dequantize to fp32
-# (measured crossover with the packed kernels: ~40 rows for int8, 1 thread, benchmarks/cpu_kernels.py); the
-# engine's batched decode (up to 16 sequences a step) stays on the packed kernels
-DEQUANT_FROM_ROWS = 32
+# On a CPU without bf16 arithmetic, int8/int4 linears multiplying at least this many rows dequantize to fp32.
+# Measured (benchmarks/cpu_kernels.py, 896->4864, AVX-512 Xeon without avx512_bf16): int8's dequantization costs
+# ~2.5 ms, and fp32 GEMM beats the packed kernel from ~40 rows; int4's unpacking costs ~12 ms, so fp32 GEMM
+# (~0.055 ms a row against the packed kernel's ~0.12) wins from ~180 rows. The engine's batched decode (up to 16
+# sequences a step) stays on the packed kernels either way.
+DEQUANT_FROM_ROWS = {"int8": 32, "int4": 256}
 
 
 def _bf16_arithmetic() -> bool:
@@ -68,7 +70,8 @@ def quant_plan(kind: str, caps: dict[str, object] | None = None) -> dict[str, ob
     packed = f"_weight_{kind}pack_mm{'_for_cpu' if kind == 'int4' else ''}, bf16 activations"
     if caps.get("bf16_fast", caps["bf16"]) or (kind == "int4" and not int4_layout_known()):
         return {"decode": packed, "prefill": packed, "dequant_from_rows": None}
-    return {"decode": packed, "prefill": "dequantize to fp32, F.linear", "dequant_from_rows": DEQUANT_FROM_ROWS}
+    return {"decode": packed, "prefill": "dequantize to fp32, F.linear",
+            "dequant_from_rows": DEQUANT_FROM_ROWS[kind]}
 
 
 def fp16_is_slow() -> bool:
@@ -199,9 +202,13 @@ def _unpack_int4(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def dequantize_int4(qdata: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int,
                     k: int) -> torch.Tensor:
-    q = _unpack_int4(qdata, n, k).reshape(n, k // group_size, group_size).float() - 8
+    """(q - 8) * scale + zero per group of K, as fp32 (N, K). In place on one fp32 buffer: broadcasting
+    out-of-place ops over the groups cost ~2x as much."""
     sz = scale_and_zero.float().transpose(0, 1)  # (N, K/g, 2)
-    return torch.addcmul(sz[..., 1:], q, sz[..., :1]).reshape(n, k)
+    scale = sz[..., :1]
+    out = torch.empty(n, k // group_size, group_size)
+    out.copy_(_unpack_int4(qdata, n, k).reshape(n, k // group_size, group_size))
+    return out.sub_(8).mul_(scale).add_(sz[..., 1:]).reshape(n, k)
 
 
 @functools.cache
