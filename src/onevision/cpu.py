@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 COMPUTE_MODES = ("auto", "reference")
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+          "amx_bf16", "amx_int8", "amx_fp16")
 
 
 # On a CPU without bf16 arithmetic, int8/int4 linears multiplying at least this many rows dequantize to fp32.
