@@ -12,8 +12,12 @@ torchao = pytest.importorskip("torchao")
 from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig  # noqa: E402
 
-NO_FP16 = {"capability": "AVX512", "bf16": True, "fp16": False}
-FP16 = {"capability": "AVX512", "bf16": True, "fp16": True}
+NO_FP16 = {"capability": "AVX512", "bf16": True, "bf16_fast": True, "fp16": False}
+FP16 = {"capability": "AVX512", "bf16": True, "bf16_fast": True, "fp16": True}
+# bf16 arithmetic (avx512_bf16 / AMX) or only oneDNN's emulation of it (AVX-512 without avx512_bf16)
+BF16_FAST = {"capability": "AVX512", "bf16": True, "bf16_fast": True, "fp16": False}
+NO_BF16 = {"capability": "AVX512", "bf16": True, "bf16_fast": False, "fp16": False}
+BRANCHES = pytest.mark.parametrize("caps", [BF16_FAST, NO_BF16], ids=["bf16-arithmetic", "no-bf16-arithmetic"])
 
 
 def ids(seed=0):
@@ -48,6 +52,11 @@ def test_probe_reports_the_running_cpu():
     assert caps["capability"] == torch.backends.cpu.get_cpu_capability()
     assert caps["fp16"] == torch.ops.mkldnn._is_mkldnn_fp16_supported()
     assert caps["bf16"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # x86: oneDNN's "bf16" may be emulation
+        assert caps["bf16_fast"] == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    flags = cpu.cpu_flags()
+    if flags:  # Linux: the flags /proc/cpuinfo reports agree with the probe
+        assert caps["bf16_fast"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_fp16_kernel_choice_on_both_branches(tiny_ckpt, monkeypatch):
@@ -108,21 +117,79 @@ def test_packed_weights_equal_torchao_and_match_its_matmul(kind):
         assert torch.equal(ours(x), torch.nn.functional.linear(x, theirs))  # the same aten kernel
 
 
-def test_int8_logits_no_further_from_fp32_than_transformers_torchao(tiny_ckpt, fp32_logits):
+def test_quant_kernel_choice_on_both_branches(monkeypatch):
+    # with bf16 arithmetic: the packed kernels (bf16 activations) for every M, as before; without it: packed for
+    # decode, fp32 GEMM on the dequantized weight from DEQUANT_FROM_ROWS rows (prefill)
+    for kind in ("int8", "int4"):
+        assert cpu.quant_plan(kind, BF16_FAST)["dequant_from_rows"] is None
+        assert cpu.quant_plan(kind, NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS[kind]
+        assert cpu.DEQUANT_FROM_ROWS[kind] > 16  # the engine's batched decode (<= 16 sequences) stays packed
+    with pytest.raises(ValueError, match="int8 or int4"):
+        cpu.quant_plan("int2")
+    # an int4 packing this torch lays out differently than _unpack_int4 reads keeps int4 packed everywhere
+    monkeypatch.setattr(cpu, "int4_layout_known", lambda: False)
+    assert cpu.quant_plan("int4", NO_BF16)["dequant_from_rows"] is None
+    assert cpu.quant_plan("int8", NO_BF16)["dequant_from_rows"] == cpu.DEQUANT_FROM_ROWS["int8"]
+
+
+def test_int4_layout_is_known_and_dequantize_equals_the_kernels_weight():
+    assert cpu.int4_layout_known()  # torch 2.14's CPU layout: a change would show here, not as wrong numbers
+    # 208 rows: three 64-row blocks and a 16-row tail, which the CPU packing lays out differently
+    w = torch.randn(208, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    m = cpu.pack_weight(w, "int4", group_size=64)
+    eye = torch.eye(256, dtype=torch.bfloat16)  # the kernel applied to the identity: its weight, bf16-rounded
+    kernel_weight = torch._weight_int4pack_mm_for_cpu(eye, m.qdata, 64, m.scale_and_zero).t()
+    assert torch.equal(m.dequantize().to(torch.bfloat16), kernel_weight)
+
+
+@BRANCHES
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_linear_takes_the_chosen_path_by_rows(kind, caps, monkeypatch):
+    monkeypatch.setattr(cpu, "probe", lambda: caps)
+    w = torch.randn(80, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    m = cpu.pack_weight(w, kind, group_size=64)
+    assert m.dequant_from_rows == cpu.quant_plan(kind, caps)["dequant_from_rows"]
+    weight = m.dequantize() if kind == "int4" else m.qdata.float() * m.scale[:, None]
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, kind, 32)
+    m = cpu.pack_weight(w, kind, group_size=64)
+    for rows in (1, 8, 16, 31, 32, 64):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        if kind == "int8":
+            packed = (torch._weight_int8pack_mm(x, m.qdata, m.ones) * m.scale).to(torch.bfloat16)
+            dequant = (torch.nn.functional.linear(x.float(), m.qdata.float()).to(torch.bfloat16) * m.scale)
+            dequant = dequant.to(torch.bfloat16)
+        else:
+            packed = torch._weight_int4pack_mm_for_cpu(x, m.qdata, 64, m.scale_and_zero)
+            dequant = torch.nn.functional.linear(x.float(), weight).to(torch.bfloat16)
+        expect = dequant if caps is NO_BF16 and rows >= 32 else packed
+        assert torch.equal(m(x), expect), (rows, caps)
+        # either way the product is the dequantized weight's, to bf16 rounding
+        torch.testing.assert_close(m(x).float(), torch.nn.functional.linear(x.float(), weight), rtol=2e-2, atol=5e-2)
+
+
+@BRANCHES
+def test_int8_logits_no_further_from_fp32_than_transformers_torchao(tiny_ckpt, fp32_logits, caps, monkeypatch):
     from transformers import TorchAoConfig as RefConfig
 
     from onevision import TorchAoConfig
 
+    # the 12-token prompt takes the dequantized-fp32 path on the branch without bf16 arithmetic
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, "int8", 8)
+    monkeypatch.setattr(cpu, "probe", lambda: caps)
     ref = load_ref(tiny_ckpt, dtype=torch.bfloat16, quantization_config=RefConfig(quant_type=Int8WeightOnlyConfig()))
     ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
     assert isinstance(ours.model.language_model.layers[0].mlp.up_proj, cpu.Int8Linear)
+    assert ours.model.language_model.layers[0].mlp.up_proj.dequant_from_rows == (8 if caps is NO_BF16 else None)
     r = ref.model.language_model.layers[0].mlp.up_proj.weight
     o = ours.model.language_model.layers[0].mlp.up_proj
     assert torch.equal(o.qdata, r.qdata) and torch.equal(o.scale, r.scale.reshape(-1).float())
     assert dist(ours, fp32_logits) <= dist(ref, fp32_logits)
 
 
-def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckpt, fp32_logits):
+@BRANCHES
+def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckpt, fp32_logits, caps, monkeypatch):
+    monkeypatch.setitem(cpu.DEQUANT_FROM_ROWS, "int4", 8)
+    monkeypatch.setattr(cpu, "probe", lambda: caps)
     # transformers 5.24 + torchao 0.18 cannot load Int4WeightOnlyConfig on CPU (torchao's Int4Tensor needs the
     # mslk package); the oracle is torchao's CPU int4 config applied to transformers' bf16 model
     from onevision import TorchAoConfig
@@ -132,7 +199,8 @@ def test_int4_logits_no_further_from_fp32_than_torchao_on_the_reference(tiny_ckp
     quantize_(ref, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and name != "lm_head"
               and m.in_features % 32 == 0)
     ours = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=config))
-    assert isinstance(ours.model.language_model.layers[0].mlp.up_proj, cpu.Int4Linear)
+    up = ours.model.language_model.layers[0].mlp.up_proj
+    assert isinstance(up, cpu.Int4Linear) and up.dequant_from_rows == (8 if caps is NO_BF16 else None)
     assert dist(ours, fp32_logits) <= dist(ref, fp32_logits) + 1e-6
 
 
@@ -156,9 +224,12 @@ def test_cli_quantize_flag_builds_torchao_configs():
         torchao_config_for("int3")
 
 
-def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt):
+@BRANCHES
+def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt, caps, monkeypatch):
     # the serving engine decodes several sequences per step through the same Linear modules
     from onevision import TorchAoConfig
+
+    monkeypatch.setattr(cpu, "probe", lambda: caps)
 
     model = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
     a, b = ids(2)[:, :5], ids(3)

@@ -8,29 +8,72 @@ The model's forward structure is untouched: only `nn.Linear` modules are replace
 * float16 on a CPU without fast fp16 arithmetic (`torch.ops.mkldnn._is_mkldnn_fp16_supported()` False): fp16 GEMMs
   fall back to a slow loop (~20 GFLOP/s), so weights stay fp16 in memory and each Linear computes in float32,
   rounding its output back to fp16. `compute="reference"` keeps transformers' native fp16 numerics.
-* int8 / int4 weight-only (torchao configs, see quantization.py): packed once, run through
-  `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` with bf16 activations, the only activation
-  dtype with vectorised CPU kernels.
+* int8 / int4 weight-only (torchao configs, see quantization.py): packed once. Which kernel a call takes depends on
+  the CPU (`quant_plan`) and on the rows it multiplies (M: 1..16 in decode, the prompt length in prefill):
+  - `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` with bf16 activations for every M on a CPU
+    with bf16 arithmetic (avx512_bf16 or AMX), and for decode (M < DEQUANT_FROM_ROWS) everywhere: their
+    AVX-512/AVX2 tinygemm kernels exist for bf16 activations only (fp32 activations take a scalar loop, 3-25x
+    slower, benchmarks/cpu_kernels.py) and need no bf16 arithmetic (bf16 -> fp32 by shifts, fp32 FMAs).
+  - On a CPU without bf16 arithmetic, prefill (M >= DEQUANT_FROM_ROWS) dequantizes the weight to fp32 per call
+    and runs fp32 `F.linear` (MKL/oneDNN fp32 GEMM): the tinygemm kernels run at ~50-70 GFLOP/s there against
+    ~130 for fp32 GEMM, and the dequantization is cheap next to a many-row GEMM. Both accumulate in fp32 and
+    round the product where the packed kernel does, so the two paths differ only in summation order.
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 COMPUTE_MODES = ("auto", "reference")
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+          "amx_bf16", "amx_int8", "amx_fp16")
+
+
+# On a CPU without bf16 arithmetic, int8/int4 linears multiplying at least this many rows dequantize to fp32.
+# Measured (benchmarks/cpu_kernels.py, 896->4864, AVX-512 Xeon without avx512_bf16): int8's dequantization costs
+# ~2.5 ms, and fp32 GEMM beats the packed kernel from ~40 rows; int4's unpacking costs ~12 ms, so fp32 GEMM
+# (~0.055 ms a row against the packed kernel's ~0.12) wins from ~180 rows (the engine's 256-token prompt chunks
+# and the vision tower's 729-row patches take it). The engine's batched decode (up to 16
+# sequences a step) stays on the packed kernels either way.
+DEQUANT_FROM_ROWS = {"int8": 32, "int4": 192}
+
+
+def _bf16_arithmetic() -> bool:
+    """Native bf16 dot products (avx512_bf16, or AMX tiles, which come with amx_bf16). oneDNN reports bf16 as
+    "supported" on any AVX-512 CPU, where it is emulated at ~1/4 of the fp32 GEMM rate; off x86 keep its word."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        c = torch.cpu
+        return bool(getattr(c, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(c, "_is_amx_tile_supported", lambda: False)())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @functools.cache
 def probe() -> dict[str, object]:
-    """What this CPU offers, as PyTorch reports it at run time (cached: one probe per process)."""
+    """What this CPU offers, as PyTorch reports it at run time (cached: one probe per process). "bf16": oneDNN
+    runs bf16 (perhaps emulated); "bf16_fast": the CPU has bf16 arithmetic."""
     return {"capability": torch.backends.cpu.get_cpu_capability(),
             "bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "bf16_fast": _bf16_arithmetic(),
             "fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+
+
+def quant_plan(kind: str, caps: dict[str, object] | None = None) -> dict[str, object]:
+    """Kernel choice of the int8/int4 linears on this CPU: `dequant_from_rows` is the row count from which a call
+    dequantizes to fp32 and runs fp32 F.linear (None: always the packed kernel with bf16 activations)."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"kind must be int8 or int4, got {kind!r}")
+    caps = probe() if caps is None else caps
+    packed = f"_weight_{kind}pack_mm{'_for_cpu' if kind == 'int4' else ''}, bf16 activations"
+    if caps.get("bf16_fast", caps["bf16"]) or (kind == "int4" and not int4_layout_known()):
+        return {"decode": packed, "prefill": packed, "dequant_from_rows": None}
+    return {"decode": packed, "prefill": "dequantize to fp32, F.linear",
+            "dequant_from_rows": DEQUANT_FROM_ROWS[kind]}
 
 
 def fp16_is_slow() -> bool:
@@ -95,12 +138,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.reshape(-1).float())  # (N,) float32, torchao's scale
         self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dequant_from_rows = quant_plan("int8")["dequant_from_rows"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (..., K) -> (..., N); the kernel is vectorised for bf16 activations only. Like torchao's eager path,
-        # the bf16 product is scaled in float32 (a bf16-rounded scale inside the kernel would add error)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qdata, self.ones)
-        y = (y * self.scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # x (..., K) -> (..., N)
+        x2 = x.reshape(-1, self.in_features)
+        if self.dequant_from_rows is not None and x2.shape[0] >= self.dequant_from_rows:
+            # many rows on a CPU without bf16 arithmetic: fp32 GEMM on the int8 values (see module doc). The
+            # product is rounded to the activations' dtype before the fp32 scale, as the packed kernel rounds it,
+            # so prefill and decode round at the same points
+            y = F.linear(x2.float(), self.qdata.float()).to(x.dtype) * self.scale
+        else:
+            # the kernel is vectorised for bf16 activations only. Like torchao's eager path, the bf16 product is
+            # scaled in float32 (a bf16-rounded scale inside the kernel would add error)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qdata, self.ones) * self.scale
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -115,12 +167,63 @@ class Int4Linear(nn.Module):
         self.register_buffer("qdata", qdata)  # (N, K/2) uint8, packed
         self.register_buffer("scale_and_zero", scale_and_zero)  # (K/g, N, 2) bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dequant_from_rows = quant_plan("int4")["dequant_from_rows"]
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) fp32 weight the kernel multiplies by: (q - 8) * scale + zero per group of K."""
+        return dequantize_int4(self.qdata, self.scale_and_zero, self.group_size, self.out_features,
+                               self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qdata,
-                                              self.group_size, self.scale_and_zero)
+        x2 = x.reshape(-1, self.in_features)
+        if self.dequant_from_rows is not None and x2.shape[0] >= self.dequant_from_rows:
+            y = F.linear(x2.float(), self.dequantize())  # many rows on a CPU without bf16 arithmetic
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qdata, self.group_size,
+                                                  self.scale_and_zero)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+_INT4_BLOCK_N = 64
+
+
+def _unpack_int4(qdata: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(N, K/2) uint8 from `_convert_weight_to_int4pack_for_cpu` -> (N, K) uint8 values 0..15. The CPU layout:
+    blocks of 64 output rows, in each of which every k has 32 bytes whose low nibbles are rows 0..31 and high
+    nibbles rows 32..63; the last N % 64 rows pack pairwise (low nibble even row, high nibble odd row) per k.
+    Checked at run time by `int4_layout_known`."""
+    full = n // _INT4_BLOCK_N * _INT4_BLOCK_N
+    b = qdata[:full].reshape(-1, k, _INT4_BLOCK_N // 2)
+    rows = torch.cat([b & 15, b >> 4], 2).permute(0, 2, 1).reshape(full, k)
+    if full == n:
+        return rows
+    t = qdata[full:].reshape(k, (n - full) // 2)
+    return torch.cat([rows, torch.stack([t & 15, t >> 4], 2).reshape(k, n - full).t()])
+
+
+def dequantize_int4(qdata: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int,
+                    k: int) -> torch.Tensor:
+    """(q - 8) * scale + zero per group of K, as fp32 (N, K). In place on one fp32 buffer: broadcasting
+    out-of-place ops over the groups cost ~2x as much."""
+    sz = scale_and_zero.float().transpose(0, 1)  # (N, K/g, 2)
+    scale = sz[..., :1]
+    out = torch.empty(n, k // group_size, group_size)
+    out.copy_(_unpack_int4(qdata, n, k).reshape(n, k // group_size, group_size))
+    return out.sub_(8).mul_(scale).add_(sz[..., 1:]).reshape(n, k)
+
+
+@functools.cache
+def int4_layout_known() -> bool:
+    """Whether this torch build packs int4 for the CPU in the layout `_unpack_int4` reads (one small check per
+    process; where it does not, int4 stays on the packed kernel for every M)."""
+    try:
+        w = torch.randint(0, 16, (2 * _INT4_BLOCK_N + 16, 64), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+        packed = torch._convert_weight_to_int4pack_for_cpu(w, 1)
+        return packed.shape == (w.shape[0], 32) and torch.equal(_unpack_int4(packed, *w.shape).int(), w)
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def pack_weight(weight: torch.Tensor, kind: str, group_size: int = 128) -> nn.Module:
