@@ -239,3 +239,43 @@ def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt, caps, monkeypa
     together = model.generate(input_ids=batch, attention_mask=mask, **kw, pad_token_id=0)[:, -6:]
     alone = torch.cat([model.generate(input_ids=x, **kw)[:, -6:] for x in (a, b)])
     assert torch.equal(together, alone)
+
+
+# -- oneDNN-packed float32 linears (the engine's batched GEMMs) --------------------------------------------------
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 40, bias=False))
+
+
+def test_packed_linears_keep_reference_bits_outside_the_engine_and_pack_inside():
+    model = _mlp()
+    plain = [layer.weight.detach().clone() for layer in model]
+    assert cpu.pack_fp32_linears(model) == 4 * (64 * 96 + 96 * 40)
+    assert all(type(layer) is cpu.PackedLinear for layer in model)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight"}  # the packed copies are not saved
+    assert cpu.pack_fp32_linears(model) == 0  # packing twice adds nothing
+    for rows in (1, 2, 3, 8, 200):
+        x = torch.randn(rows, 64)
+        reference = nn.functional.linear(nn.functional.linear(x, plain[0], model[0].bias), plain[1])
+        assert torch.equal(model(x), reference)  # outside packed_gemms(): the reference GEMM, bit for bit
+        with cpu.packed_gemms():
+            inside = model(x)
+            if rows >= cpu.PACKED_FROM_ROWS:  # the packed kernel, not F.linear
+                h = torch.ops.mkldnn._linear_pointwise(x, model[0].packed, model[0].bias, "none", [], "")
+                assert torch.equal(inside, torch.ops.mkldnn._linear_pointwise(h, model[1].packed, None, "none", [],
+                                                                                ""))
+            else:
+                assert torch.equal(inside, reference)
+        torch.testing.assert_close(inside, reference, rtol=1e-5, atol=1e-5)
+    with cpu.packed_gemms(), cpu.packed_gemms(False):  # nested: the inner choice wins, then the outer returns
+        assert torch.equal(model(x), reference)
+
+
+def test_packing_respects_its_budget_and_a_torch_without_onednn(monkeypatch):
+    model = _mlp()
+    assert cpu.pack_fp32_linears(model, budget=1000) == 0 and all(type(m) is nn.Linear for m in model)
+    monkeypatch.setattr(cpu, "_packing_works", lambda: False)  # the ops missing or failing: nothing packed
+    assert cpu.pack_fp32_linears(model) == 0 and all(type(m) is nn.Linear for m in model)
+    half = _mlp().half()
+    monkeypatch.undo()
+    assert cpu.pack_fp32_linears(half) == 0  # float32 only

@@ -90,7 +90,7 @@ def greedy(n):
 
 
 @pytest.mark.parametrize("config", [
-    dict(max_num_batched_tokens=2048),  # whole prompts at once
+    dict(max_num_batched_tokens=2048, cpu_weight_packing="off"),  # whole prompts at once, reference GEMMs
     dict(max_num_batched_tokens=24, max_num_seqs=3),  # chunked prefill, few sequences at a time
     dict(max_num_batched_tokens=40, kv_cache_memory=None, block_size=8),  # preemption (sized below)
 ], ids=["plain", "chunked", "preempting"])
@@ -102,6 +102,7 @@ def test_mixed_workload_equals_reference(config, our_model, processors, expected
         per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
         config["kv_cache_memory"] = 420 * per_token
     engine = Engine(our_model, ours, EngineConfig(**config))
+    assert engine.packed == (config.get("cpu_weight_packing", "auto") == "auto")  # both GEMM paths (cpu.py)
     requests = {name: (ours.apply_chat_template(conv, **KW), greedy(LENGTHS[name])) for name, conv in WORKLOAD.items()}
     arrivals = {name: 3 * i for i, name in enumerate(WORKLOAD)}  # staggered: join a running batch
     requests["leaver"] = (ours.apply_chat_template(WORKLOAD["photo"], **KW), greedy(200))

@@ -98,6 +98,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="memory for vision features kept by image content, e.g. 512MiB (default); 0 turns it off")
     g.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not reuse the KV of earlier requests that share a prefix")
+    g.add_argument("--cpu-weight-packing", choices=("auto", "off"), default="auto",
+                   help="auto (default): on CPU, float32 linears keep a second, oneDNN-packed copy of their weights "
+                        "for batched steps (~1.5x faster decode of 8 streams) when it fits in a quarter of free "
+                        "memory; off: one copy, reference GEMMs")
 
 
 def engine_config(args: argparse.Namespace):
@@ -105,7 +109,7 @@ def engine_config(args: argparse.Namespace):
 
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory or None, vision_cache_memory=args.vision_cache_memory,
-                        enable_prefix_caching=args.prefix_caching)
+                        enable_prefix_caching=args.prefix_caching, cpu_weight_packing=args.cpu_weight_packing)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,8 +22,10 @@ The model's forward structure is untouched: only `nn.Linear` modules are replace
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,77 @@ def apply_compute_paths(model: nn.Module, compute: str = "auto", caps: dict[str,
         module.__class__ = Fp16ViaFloat32Linear  # same parameters, new forward
         swapped.append(name)
     return swapped
+
+
+PACK_ROWS_HINT = 32  # oneDNN packs for this many rows: the best of 1..256 over 1..256-row calls (below)
+PACKED_FROM_ROWS = 3  # fewer rows keep the reference GEMM on the plain weight: bit-identical, and faster there
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def packed_gemms(enabled: bool = True):
+    """Within this block (this thread only), PackedLinear layers multiply 3+ rows with their packed weight; outside
+    it they are plain nn.Linear, so a packed model keeps the reference GEMM's bits for everything but the engine."""
+    before = getattr(_state, "packed", False)
+    _state.packed = enabled
+    try:
+        yield
+    finally:
+        _state.packed = before
+
+
+class PackedLinear(nn.Linear):
+    """A float32 Linear that also holds its weight reordered once by oneDNN into its blocked GEMM layout, used by
+    the engine's batched steps (inside `packed_gemms()`). Measured on a 2-core AVX-512 Xeon, Qwen2-0.5B's 24 layers of linears, weights streamed
+    from DRAM (ms per pass over the layers; one process, same load):
+
+        rows                   1    2    4    8   16   64  256
+        F.linear (reference)  46   53   86  115  123  295  692   MKL sgemm on the (out, in) weight
+        oneDNN packed         54   56   63   73   89  220  635   _reorder_linear_weight(w, 32), _linear_pointwise
+
+    and the engine's whole decode step (with lm_head): 1 sequence 80 ms either way (rows < PACKED_FROM_ROWS take
+    F.linear); 8 sequences 139 ms against 217. Packed products differ from the reference's by summation order
+    only (~1e-6 relative). The plain weight stays (tied embeddings, state_dict, one-row calls): packing costs a
+    second copy of every linear's weight, so the engine packs only when that fits its memory rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(_state, "packed", False) or x.numel() < PACKED_FROM_ROWS * self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _packing_works() -> bool:
+    try:
+        layer = nn.Linear(8, 4)
+        x = torch.randn(4, 8)
+        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_ROWS_HINT)
+        return bool(torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""),
+                                   layer(x), atol=1e-5))
+    except (AttributeError, RuntimeError):  # a torch without these ops, or without oneDNN
+        return False
+
+
+def packable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+
+
+def pack_fp32_linears(model: nn.Module, budget: int | None = None) -> int:
+    """Give every float32 CPU Linear its oneDNN-packed copy (PackedLinear), if their bytes fit in `budget`
+    (None: no limit). Returns the bytes added (0: nothing packed; layers packed before are kept)."""
+    linears = packable_linears(model)
+    need = sum(m.weight.numel() * 4 for _, m in linears)
+    if not linears or (budget is not None and need > budget) or not _packing_works():
+        return 0
+    with torch.no_grad():
+        for _, module in linears:
+            module.__class__ = PackedLinear
+            module.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(),
+                                                                                     PACK_ROWS_HINT),
+                                   persistent=False)
+    return need
 
 
 # -- weight-only int8 / int4 ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from onevision import cpu
 from onevision.engine.blocks import BlockManager
 from onevision.engine.encoder import VisionEncoder
 from onevision.engine.metrics import Metrics
@@ -38,6 +39,9 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's context
+    cpu_weight_packing: str = "auto"  # "auto": on CPU, float32 linears keep a oneDNN-packed copy for the batched
+    # GEMMs of 3+ rows (1.5x faster decode at 8 sequences, cpu.PackedLinear) when max_num_seqs > 1 and the copies
+    # take at most a quarter of the available memory; "off": never
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -46,6 +50,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.cpu_weight_packing not in ("auto", "off"):
+            raise ValueError(f"cpu_weight_packing must be 'auto' or 'off', got {self.cpu_weight_packing!r}")
         if self.vision_cache_memory < 0:
             raise ValueError(f"vision_cache_memory must be >= 0 bytes, got {self.vision_cache_memory}")
 
@@ -77,6 +83,11 @@ class Engine:
         if config.max_num_batched_tokens is None:
             config.max_num_batched_tokens = 2048 if model.device.type == "cuda" else 256
         self.config = config
+        self.packed = False  # the model's float32 linears multiply batches with oneDNN-packed copies of their weights
+        if config.cpu_weight_packing == "auto" and model.device.type == "cpu" and config.max_num_seqs > 1:
+            if added := cpu.pack_fp32_linears(model, budget=available_memory(model.device) // 4):
+                log.info("CPU: float32 linears packed by oneDNN for batched steps (+%.0f MiB)", added / 2**20)
+            self.packed = any(isinstance(m, cpu.PackedLinear) for m in model.modules())
         text = model.config.text_config
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         runner_dtype = ModelRunner.compute_dtype(model)
@@ -171,7 +182,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.encoder.busy:  # while streams decode, a slice of the vision work per step; else all of it
             decoding = sum(len(s.token_ids) - s.num_computed == 1 for s in self.scheduler.running)
-            self.encoder.step(max(1, self.config.max_num_batched_tokens - decoding) if decoding else None)
+            with cpu.packed_gemms(self.packed):
+                self.encoder.step(max(1, self.config.max_num_batched_tokens - decoding) if decoding else None)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.waiting and not self.scheduler.running and not self.encoder.busy:
@@ -179,7 +191,8 @@ class Engine:
                 raise RuntimeError(f"request {seq.request_id} cannot be scheduled: it needs more KV blocks than "
                                    f"are free ({self.blocks.num_free}); raise kv_cache_memory")
             return []
-        sampled, logits = self.runner.execute(scheduled)
+        with cpu.packed_gemms(self.packed):
+            sampled, logits = self.runner.execute(scheduled)
         for seq, _ in scheduled:
             self.scheduler.register_full_blocks(seq)
         now = time.monotonic()
