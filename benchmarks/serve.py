@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ROOT, checkpoint, default_cache
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_flags() -> str:
@@ -73,7 +74,7 @@ class Server:
         cmd = [sys.executable, "-m", "onevision", "serve", "--model", str(folder), "--port", str(self.port),
                "--dtype", args.dtype, "--device", "cpu", "--max-num-seqs", "16",
                "--max-num-batched-tokens", str(batched_tokens), "--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 300
@@ -239,6 +240,8 @@ def main() -> None:
     if args.vllm_child:
         print("RESULT " + json.dumps(vllm_child(*json.loads(args.vllm_child))))
         return
+    from common import checkpoint, default_cache  # (the tests' checkpoint builders: not in vllm's venv)
+
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, args.dtype)
     folder = checkpoint(args.size, default_cache(), torch.float32)
