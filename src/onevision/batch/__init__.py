@@ -28,20 +28,13 @@ log = logging.getLogger("onevision.batch")
 
 
 # --------------------------------------------------------------------------- request -> model inputs
-class State:
-    """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher.
+def State(model, processor, config, fetcher=None, engine=None):
+    """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher,
+    and the context (with `engine`, also capped by its KV pool, like the server's).
     `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights)."""
+    from onevision.server.chat import RequestState
 
-    def __init__(self, model, processor, config, fetcher=None, engine=None):
-        from onevision.server.media import RemoteFetcher
-
-        self.model, self.processor, self.config = model, processor, config
-        self.tokenizer = processor.tokenizer
-        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
-        self.context = int(model.config.text_config.max_position_embeddings)
-        if engine is not None:  # a request must fit the context and the KV pool (like the server's state)
-            self.context = min(engine.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
-        self.placeholders = [processor.image_token, processor.video_token]
+    return RequestState(model, processor, config, fetcher, engine)
 
 
 class ModelFacts:

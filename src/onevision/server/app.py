@@ -252,22 +252,18 @@ def _validation_error(errors: list[dict]) -> InvalidRequest:
 
 
 # --------------------------------------------------------------------------- the app
-class _State:
+class _State(chat.RequestState):
+    """The checks' state (chat.RequestState) plus what serving adds: the engine, the pixel budget and media pool."""
+
     def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
-        self.model, self.processor, self.config = model, processor, config
-        self.tokenizer = processor.tokenizer
-        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
-                                                max_concurrent=config.media.max_concurrent_fetches)
-        self.pixels = PixelBudget(config.media.max_server_pixels)
         core = Engine(model, processor, config.engine)
+        super().__init__(model, processor, config, fetcher, core)
+        self.pixels = PixelBudget(config.media.max_server_pixels)
         self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
         # room for the most remote fetches at once on top of media_threads: a slow remote ties up nothing else
         self.pool = ThreadPoolExecutor(config.media_threads + config.media.max_concurrent_fetches,
                                        thread_name_prefix="onevision-media")
-        # a request must fit the context and the KV pool (the engine refuses more; this says so with a 400)
-        self.context = min(core.max_model_len, core.blocks.num_blocks * core.blocks.block_size)
         self.created = int(time.time())
-        self.placeholders = [processor.image_token, processor.video_token]
 
 
 def create_app(model, processor, config: ServerConfig | None = None, *, fetcher: RemoteFetcher | None = None
