@@ -30,10 +30,16 @@ log = logging.getLogger("onevision.batch")
 # --------------------------------------------------------------------------- request -> model inputs
 def State(model, processor, config, fetcher=None, engine=None):
     """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher,
-    and the context (with `engine`, also capped by its KV pool, like the server's).
-    `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights)."""
+    the pixel budget and the context (with `engine`, also capped by its KV pool, like the server's).
+    `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights).
+    Unlike the server, a record whose media wait for the pixel budget (--max-server-pixels, shared by the job's
+    media threads) waits until other records' media are decoded instead of failing after `pixel_wait` seconds."""
+    import dataclasses
+    import math
+
     from onevision.server.chat import RequestState
 
+    config = dataclasses.replace(config, media=dataclasses.replace(config.media, pixel_wait=math.inf))
     return RequestState(model, processor, config, fetcher, engine)
 
 
@@ -64,6 +70,7 @@ def build(request: Request, state: State):
     from onevision.server import chat
     from onevision.server.app import _validation_error
     from onevision.server.errors import unknown_model
+    from onevision.server.media import RequestScope, request_scope
     from onevision.server.schemas import ChatCompletionRequest
 
     try:
@@ -78,7 +85,8 @@ def build(request: Request, state: State):
     if names is not None and body.model != names:
         raise unknown_model(body.model, [names])
     chat.check_request(body, state)
-    inputs, params, prompt_tokens = chat.prepare(body, state)
+    with request_scope(RequestScope(state.pixels)):  # the job's pixel budget, as the server's app._prepare
+        inputs, params, prompt_tokens = chat.prepare(body, state)
     copies = (body.n or 1) if params.greedy else 1  # greedy answers are identical: run once (like the server)
     return inputs, params, prompt_tokens, copies
 

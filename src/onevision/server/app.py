@@ -33,7 +33,7 @@ from onevision.server.engine import ServingEngine
 from onevision.server.docs import add_docs
 from onevision.server.errors import APIError, AuthError, InvalidRequest, PayloadTooLarge, unknown_model
 from onevision.server.http import LOOPBACK_HOSTS, count_json_elements, host_allowed
-from onevision.server.media import MediaLimits, PixelBudget, RemoteFetcher, RequestScope, request_scope
+from onevision.server.media import MediaLimits, RemoteFetcher, RequestScope, request_scope
 from onevision.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
 
 log = logging.getLogger("onevision.server")
@@ -253,12 +253,11 @@ def _validation_error(errors: list[dict]) -> InvalidRequest:
 
 # --------------------------------------------------------------------------- the app
 class _State(chat.RequestState):
-    """The checks' state (chat.RequestState) plus what serving adds: the engine, the pixel budget and media pool."""
+    """The checks' state (chat.RequestState) plus what serving adds: the engine and the media pool."""
 
     def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
         core = Engine(model, processor, config.engine)
         super().__init__(model, processor, config, fetcher, core)
-        self.pixels = PixelBudget(config.media.max_server_pixels)
         self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
         # room for the most remote fetches at once on top of media_threads: a slow remote ties up nothing else
         self.pool = ThreadPoolExecutor(config.media_threads + config.media.max_concurrent_fetches,

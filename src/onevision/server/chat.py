@@ -14,21 +14,23 @@ from fastapi.responses import JSONResponse, Response
 from onevision.server.engine import Job
 from onevision.server.errors import APIError, ContextLengthExceeded, InvalidRequest
 from onevision.server.fetch import RemoteFetcher
-from onevision.server.media import load_request_media, media_sizes
+from onevision.server.media import PixelBudget, load_request_media, media_sizes
 from onevision.server.schemas import ChatCompletionRequest
 
 
 # --------------------------------------------------------------------------- what the checks read
 class RequestState:
     """What check_request and prepare read: the model (or a weightless view of it), processor, tokenizer, the
-    ServerConfig's limits, the media fetcher, the context a request must fit and the reserved placeholder texts.
-    The server's state (app.py) and batch jobs (onevision.batch.State) both build on it."""
+    ServerConfig's limits, the media fetcher, the decoded-pixel budget shared by concurrent requests
+    (--max-server-pixels; used by media work run under media.request_scope), the context a request must fit and the
+    reserved placeholder texts. The server's state (app.py) and batch jobs (onevision.batch.State) both build on it."""
 
     def __init__(self, model, processor, config, fetcher: RemoteFetcher | None = None, engine=None):
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = processor.tokenizer
         self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
                                                 max_concurrent=config.media.max_concurrent_fetches)
+        self.pixels = PixelBudget(config.media.max_server_pixels)
         self.context = request_context(model, engine)
         self.placeholders = [processor.image_token, processor.video_token]
 
