@@ -249,6 +249,53 @@ def test_cli_exit_code_says_whether_every_line_succeeded(tiny_ckpt, first_run, t
     assert "1 succeeded, 1 failed" in failed.stderr and "Error records" in failed.stderr
 
 
+def test_cli_batch_takes_the_servers_media_limits(tiny_ckpt, tmp_path):
+    """`onevision batch` has serve's hardened media options (same defaults): a record over --max-request-pixels
+    gets an error record naming the option, the limit and what it needed; the other records still run."""
+    from onevision.cli import build_parser, request_limits
+
+    parser = build_parser()
+    assert request_limits(parser.parse_args(["batch", "-i", "in", "-o", "out"])) == \
+        request_limits(parser.parse_args(["serve"]))
+    source = write_jsonl(tmp_path / "in.jsonl", [line("big", chat(user(image(CAT), "What?"), max_tokens=2)),
+                                                 line("text", chat(user("Name a colour."), max_tokens=2))])
+    out = tmp_path / "out.jsonl"
+    done = _cli(["--model", str(tiny_ckpt), "-i", str(source), "-o", str(out), "--no-progress",
+                 "--kv-cache-memory", "64MiB", "--max-request-pixels", "1000"])
+    assert done.returncode == 1, done.stderr
+    assert "1 succeeded, 1 failed" in done.stderr
+    by_id = {r["custom_id"]: r for r in records(out)}
+    assert by_id["text"]["error"] is None
+    error = by_id["big"]["error"]
+    assert error["code"] == "media_too_large" and error["line"] == 1, error
+    assert "--max-request-pixels" in error["message"] and "the limit is 1000 per request" in error["message"]
+    assert by_id["big"]["response"]["status_code"] == 400
+
+
+def test_the_pixel_budget_is_shared_by_the_jobs_media_threads(engine, tiny_ckpt, tmp_path):
+    """--max-server-pixels bounds the media a batch job decodes at once: records that fit wait for each other
+    (none fails for being busy), a record that needs more than the whole budget gets an error record."""
+    from onevision import AutoProcessor
+    from onevision.batch import run
+    from onevision.server import media
+    from onevision.server.app import ServerConfig
+
+    sizes = media.media_sizes(AutoProcessor.from_pretrained(tiny_ckpt))
+    probe = media.probe_image(image_bytes("cat.jpg"), media.MediaLimits(), sizes["image"])
+    cat, two = media.request_cost([probe]), media.request_cost([probe, probe])
+    rows = [line(f"cat-{i}", chat(user(image(CAT), "What?"), max_tokens=1)) for i in range(4)]
+    rows.append(line("two", chat(user(image(CAT), image(CAT), "Compare."), max_tokens=1)))  # over the budget
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    budget = ServerConfig(model_name=None, media=media.MediaLimits(max_server_pixels=cat, pixel_wait=0.0))
+    summary = run(str(source), str(tmp_path / "out.jsonl"), engine=engine, config=budget, progress=False,
+                  media_threads=4)
+    by_id = {r["custom_id"]: r for r in records(tmp_path / "out.jsonl")}
+    assert summary.succeeded == 4 and summary.failed == 1, by_id
+    error = by_id["two"]["error"]
+    assert error["code"] == "media_too_large" and "--max-server-pixels" in error["message"], error
+    assert two > cat and f"need {two} decoded pixels" in error["message"] and f"is {cat} " in error["message"]
+
+
 def test_ray_without_ray_installed_says_how_to_install(tmp_path, monkeypatch):
     from onevision.batch import run
 

@@ -149,21 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model as given, e.g. the folder path)")
     serve.add_argument("--api-key", default=os.environ.get("ONEVISION_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $ONEVISION_API_KEY, else no key)")
-    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                       help="allow file:// media URLs for files under DIR")
-    serve.add_argument("--allow-remote-media", action="store_true",
-                       help="allow http(s) media URLs (public addresses only; redirects re-checked)")
     serve.add_argument("--max-queue", type=_nonneg_int, default=64,
                        help="requests that may wait beyond the --max-num-seqs running ones; more get 503 (default 64)")
-    serve.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
-    serve.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
-    serve.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
-    serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000,
-                       help="largest width*height accepted, checked before decoding (default 50M)")
     serve.add_argument("--max-body-mb", type=_positive_float, default=32.0, help="largest request body in MB (default 32)")
-    serve.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
-    serve.add_argument("--default-max-tokens", type=_positive_int, default=1024,
-                       help="completion limit when a request sets none (default 1024, capped by the context)")
     serve.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish (default 30)")
     serve.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
@@ -171,26 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the interactive API page at /docs (assets served locally, works offline)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _engine_args(serve)
+    _request_limit_args(serve)
     _serve_limits(serve)
     _batch_args(sub)
     return parser
 
 
-def _serve_limits(serve: argparse.ArgumentParser) -> None:
-    """The server's resource limits (server/http.py, server/media.py); every refusal names the option."""
+def _request_limit_args(p: argparse.ArgumentParser) -> None:
+    """The request and media limits `serve` and `batch` share (server/chat.py, server/media.py); read back by
+    request_limits(args). Every refusal names the option that sets it."""
+    # the defaults from server.media, not server.app: `onevision chat` must not need the server's packages
     from onevision.server.media import MediaLimits
 
     m = MediaLimits()
-    g = serve.add_argument_group("limits (each refusal names the option that sets it)")
-    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
-                   help="comma-separated Host names the server answers to, '*' for any (default: localhost, "
-                        "127.0.0.1, ::1 and --host; any name when --api-key is set); guards against DNS rebinding")
+    g = p.add_argument_group("request and media limits (each refusal names the option that sets it)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow file:// media URLs for files under DIR")
+    g.add_argument("--allow-remote-media", action="store_true",
+                   help="allow http(s) media URLs (public addresses only; redirects re-checked)")
+    g.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
+    g.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
+    g.add_argument("--num-frames", type=_positive_int, default=m.num_frames,
+                   help=f"frames sampled per video (default {m.num_frames})")
+    g.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
+    g.add_argument("--default-max-tokens", type=_positive_int, default=1024,
+                   help="completion limit when a request sets none (default 1024, capped by the context)")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=m.max_image_pixels,
+                   help=f"largest image width*height, checked before decoding (default {m.max_image_pixels:,})")
     g.add_argument("--max-request-pixels", type=_positive_int, default=m.max_request_pixels,
                    help="decoded media pixels one request may hold at once, checked from the headers before "
                         f"decoding (default {m.max_request_pixels:,})")
     g.add_argument("--max-server-pixels", type=_positive_int, default=m.max_server_pixels,
-                   help="decoded media pixels in flight over all requests; more wait, then get 503 "
-                        f"(default {m.max_server_pixels:,})")
+                   help="decoded media pixels in flight over all requests; more wait (serve: then get 503 after "
+                        f"{m.pixel_wait:g} s), one request needing more is refused (default {m.max_server_pixels:,})")
     g.add_argument("--max-video-seconds", type=_positive_float, default=m.max_video_seconds,
                    help=f"longest video, from the container (default {m.max_video_seconds:g})")
     g.add_argument("--max-video-frames", type=_positive_int, default=m.max_video_frames,
@@ -205,6 +206,34 @@ def _serve_limits(serve: argparse.ArgumentParser) -> None:
                         f"{m.image_fetch_timeout:g}; videos get {m.video_fetch_timeout / m.image_fetch_timeout:g}x)")
     g.add_argument("--max-concurrent-fetches", type=_positive_int, default=m.max_concurrent_fetches,
                    help=f"remote media fetches at once; more get 503 (default {m.max_concurrent_fetches})")
+
+
+def request_limits(args: argparse.Namespace) -> dict:
+    """ServerConfig keywords (media=MediaLimits, counts, default_max_tokens) from _request_limit_args' options."""
+    from onevision.server.media import MediaLimits
+
+    folder = args.allowed_local_media_path
+    if folder and not os.path.isdir(folder):
+        raise CLIError(f"--allowed-local-media-path {folder!r} is not a folder")
+    video_timeout = MediaLimits.video_fetch_timeout / MediaLimits.image_fetch_timeout  # as the defaults: 6x
+    media = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=folder,
+                        max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,
+                        max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
+                        max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
+                        max_video_frame_pixels=args.max_video_frame_pixels,
+                        max_video_decode_pixels=args.max_video_decode_pixels, image_fetch_timeout=args.fetch_timeout,
+                        video_fetch_timeout=args.fetch_timeout * video_timeout,
+                        max_concurrent_fetches=args.max_concurrent_fetches)
+    return {"media": media, "max_images": args.max_images, "max_videos": args.max_videos, "max_n": args.max_n,
+            "default_max_tokens": args.default_max_tokens}
+
+
+def _serve_limits(serve: argparse.ArgumentParser) -> None:
+    """The HTTP server's own resource limits (server/http.py); every refusal names the option."""
+    g = serve.add_argument_group("connection limits (each refusal names the option that sets it)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names the server answers to, '*' for any (default: localhost, "
+                        "127.0.0.1, ::1 and --host; any name when --api-key is set); guards against DNS rebinding")
     g.add_argument("--max-connections", type=_positive_int, default=None,
                    help="open HTTP connections; more get 503 and are closed (default: 256, or half the open-file "
                         "limit if that is lower)")
@@ -214,7 +243,6 @@ def _serve_limits(serve: argparse.ArgumentParser) -> None:
                    help="seconds to receive a request body; slower gets 408 (default 60)")
     g.add_argument("--max-json-elements", type=_positive_int, default=200_000,
                    help="JSON values in a request body; more gets 413 (default 200,000)")
-
 
 
 def _batch_args(sub) -> None:
@@ -229,24 +257,13 @@ def _batch_args(sub) -> None:
                        help="results (appended; an existing file is resumed)")
     batch.add_argument("--served-model-name", default=None,
                        help="refuse lines whose body.model differs (default: accept any; records name --model)")
-    batch.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                       help="allow file:// media URLs for files under DIR")
-    batch.add_argument("--allow-remote-media", action="store_true",
-                       help="allow http(s) media URLs (public addresses only; redirects re-checked)")
-    batch.add_argument("--max-images", type=_nonneg_int, default=8, help="images per request (default 8)")
-    batch.add_argument("--max-videos", type=_nonneg_int, default=1, help="videos per request (default 1)")
-    batch.add_argument("--num-frames", type=_positive_int, default=8, help="frames sampled per video (default 8)")
-    batch.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000,
-                       help="largest width*height accepted, checked before decoding (default 50M)")
-    batch.add_argument("--max-n", type=_positive_int, default=8, help="largest n (default 8)")
-    batch.add_argument("--default-max-tokens", type=_positive_int, default=1024,
-                       help="completion limit when a request sets none (default 1024, capped by the context)")
     batch.add_argument("--max-in-flight", type=_positive_int, default=None,
                        help="requests prepared and in the engine at once (default 2 x max-num-seqs)")
     batch.add_argument("--media-threads", type=_positive_int, default=4,
                        help="threads decoding media and building inputs ahead of the engine (default 4)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _engine_args(batch)
+    _request_limit_args(batch)
     ray = batch.add_argument_group("Ray (pip install 'onevision[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (a local Ray cluster unless "
                      "--ray-address)")
@@ -549,12 +566,10 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from onevision.server.app import ServerConfig, create_app, server_options
-        from onevision.server.media import MediaLimits
     except ImportError as e:
         raise CLIError(f"the server needs extra packages ({e.name} is missing): pip install 'onevision[server]'"
                        ) from None
-    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
-        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    limits = request_limits(args)  # a bad --allowed-local-media-path is reported before the port is bound
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
     from onevision.server.http import bind_socket, default_allowed_hosts
@@ -568,18 +583,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 "names clients use with --allowed-hosts (a guard against DNS rebinding)")
     _log_to_stderr(args.log_level)
     model, processor = load(args)
-    limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
-                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames,
-                         max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
-                         max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
-                         max_video_frame_pixels=args.max_video_frame_pixels,
-                         max_video_decode_pixels=args.max_video_decode_pixels, image_fetch_timeout=args.fetch_timeout,
-                         video_fetch_timeout=args.fetch_timeout * 6,
-                         max_concurrent_fetches=args.max_concurrent_fetches)
-    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, media=limits,
-                          max_images=args.max_images, max_videos=args.max_videos, max_n=args.max_n,
-                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                          default_max_tokens=args.default_max_tokens, max_queue=args.max_queue,
+    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key, **limits,
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_queue=args.max_queue,
                           web=not args.no_web, docs=args.docs, allowed_hosts=tuple(allowed),
                           body_timeout=args.body_timeout, header_timeout=args.header_timeout,
                           max_json_elements=args.max_json_elements,
@@ -632,7 +637,6 @@ def run_batch(args: argparse.Namespace) -> int:
     try:
         from onevision.batch import run
         from onevision.server.app import ServerConfig
-        from onevision.server.media import MediaLimits
     except ImportError as e:
         raise CLIError(f"batch jobs need extra packages ({e.name} is missing): pip install 'onevision[server]'"
                        ) from None
@@ -643,8 +647,7 @@ def run_batch(args: argparse.Namespace) -> int:
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise CLIError(f"--output: the folder {folder!r} does not exist")
-    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
-        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    config = ServerConfig(model_name=args.served_model_name, **request_limits(args))
     device = args.device
     if device.startswith("cuda"):
         import torch
@@ -653,10 +656,6 @@ def run_batch(args: argparse.Namespace) -> int:
             from onevision.loading import cuda_unavailable_message
 
             raise CLIError(cuda_unavailable_message(f"--device {device}", "--device cpu (or leave --device out)"))
-    limits = MediaLimits(allow_remote=args.allow_remote_media, allowed_local_path=args.allowed_local_media_path,
-                         max_image_pixels=args.max_image_pixels, num_frames=args.num_frames)
-    config = ServerConfig(model_name=args.served_model_name, media=limits, max_images=args.max_images,
-                          max_videos=args.max_videos, max_n=args.max_n, default_max_tokens=args.default_max_tokens)
     import dataclasses
 
     engine_kwargs = dataclasses.asdict(engine_config(args))

@@ -28,20 +28,19 @@ log = logging.getLogger("onevision.batch")
 
 
 # --------------------------------------------------------------------------- request -> model inputs
-class State:
-    """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher.
-    `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights)."""
+def State(model, processor, config, fetcher=None, engine=None):
+    """What the server's request checks (onevision.server.chat) read: limits, processor, model facts, fetcher,
+    the pixel budget and the context (with `engine`, also capped by its KV pool, like the server's).
+    `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights).
+    Unlike the server, a record whose media wait for the pixel budget (--max-server-pixels, shared by the job's
+    media threads) waits until other records' media are decoded instead of failing after `pixel_wait` seconds."""
+    import dataclasses
+    import math
 
-    def __init__(self, model, processor, config, fetcher=None, engine=None):
-        from onevision.server.media import RemoteFetcher
+    from onevision.server.chat import RequestState
 
-        self.model, self.processor, self.config = model, processor, config
-        self.tokenizer = processor.tokenizer
-        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects)
-        self.context = int(model.config.text_config.max_position_embeddings)
-        if engine is not None:  # a request must fit the context and the KV pool (like the server's state)
-            self.context = min(engine.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
-        self.placeholders = [processor.image_token, processor.video_token]
+    config = dataclasses.replace(config, media=dataclasses.replace(config.media, pixel_wait=math.inf))
+    return RequestState(model, processor, config, fetcher, engine)
 
 
 class ModelFacts:
@@ -71,6 +70,7 @@ def build(request: Request, state: State):
     from onevision.server import chat
     from onevision.server.app import _validation_error
     from onevision.server.errors import unknown_model
+    from onevision.server.media import RequestScope, request_scope
     from onevision.server.schemas import ChatCompletionRequest
 
     try:
@@ -85,7 +85,8 @@ def build(request: Request, state: State):
     if names is not None and body.model != names:
         raise unknown_model(body.model, [names])
     chat.check_request(body, state)
-    inputs, params, prompt_tokens = chat.prepare(body, state)
+    with request_scope(RequestScope(state.pixels)):  # the job's pixel budget, as the server's app._prepare
+        inputs, params, prompt_tokens = chat.prepare(body, state)
     copies = (body.n or 1) if params.greedy else 1  # greedy answers are identical: run once (like the server)
     return inputs, params, prompt_tokens, copies
 

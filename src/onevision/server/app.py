@@ -33,7 +33,7 @@ from onevision.server.engine import ServingEngine
 from onevision.server.docs import add_docs
 from onevision.server.errors import APIError, AuthError, InvalidRequest, PayloadTooLarge, unknown_model
 from onevision.server.http import LOOPBACK_HOSTS, count_json_elements, host_allowed
-from onevision.server.media import MediaLimits, PixelBudget, RemoteFetcher, RequestScope, request_scope
+from onevision.server.media import MediaLimits, RemoteFetcher, RequestScope, request_scope
 from onevision.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
 
 log = logging.getLogger("onevision.server")
@@ -252,22 +252,17 @@ def _validation_error(errors: list[dict]) -> InvalidRequest:
 
 
 # --------------------------------------------------------------------------- the app
-class _State:
+class _State(chat.RequestState):
+    """The checks' state (chat.RequestState) plus what serving adds: the engine and the media pool."""
+
     def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
-        self.model, self.processor, self.config = model, processor, config
-        self.tokenizer = processor.tokenizer
-        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
-                                                max_concurrent=config.media.max_concurrent_fetches)
-        self.pixels = PixelBudget(config.media.max_server_pixels)
         core = Engine(model, processor, config.engine)
+        super().__init__(model, processor, config, fetcher, core)
         self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
         # room for the most remote fetches at once on top of media_threads: a slow remote ties up nothing else
         self.pool = ThreadPoolExecutor(config.media_threads + config.media.max_concurrent_fetches,
                                        thread_name_prefix="onevision-media")
-        # a request must fit the context and the KV pool (the engine refuses more; this says so with a 400)
-        self.context = min(core.max_model_len, core.blocks.num_blocks * core.blocks.block_size)
         self.created = int(time.time())
-        self.placeholders = [processor.image_token, processor.video_token]
 
 
 def create_app(model, processor, config: ServerConfig | None = None, *, fetcher: RemoteFetcher | None = None

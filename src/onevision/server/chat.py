@@ -13,8 +13,34 @@ from fastapi.responses import JSONResponse, Response
 
 from onevision.server.engine import Job
 from onevision.server.errors import APIError, ContextLengthExceeded, InvalidRequest
-from onevision.server.media import load_request_media, media_sizes
+from onevision.server.fetch import RemoteFetcher
+from onevision.server.media import PixelBudget, load_request_media, media_sizes
 from onevision.server.schemas import ChatCompletionRequest
+
+
+# --------------------------------------------------------------------------- what the checks read
+class RequestState:
+    """What check_request and prepare read: the model (or a weightless view of it), processor, tokenizer, the
+    ServerConfig's limits, the media fetcher, the decoded-pixel budget shared by concurrent requests
+    (--max-server-pixels; used by media work run under media.request_scope), the context a request must fit and the
+    reserved placeholder texts. The server's state (app.py) and batch jobs (onevision.batch.State) both build on it."""
+
+    def __init__(self, model, processor, config, fetcher: RemoteFetcher | None = None, engine=None):
+        self.model, self.processor, self.config = model, processor, config
+        self.tokenizer = processor.tokenizer
+        self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
+                                                max_concurrent=config.media.max_concurrent_fetches)
+        self.pixels = PixelBudget(config.media.max_server_pixels)
+        self.context = request_context(model, engine)
+        self.placeholders = [processor.image_token, processor.video_token]
+
+
+def request_context(model, engine=None) -> int:
+    """The tokens one request may span (prompt + completion): the model's context; with an `onevision.engine.
+    Engine`, also no more than its KV pool holds (the engine refuses more; the checks say so with a 400)."""
+    if engine is None:
+        return int(model.config.text_config.max_position_embeddings)
+    return min(engine.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
 
 
 # --------------------------------------------------------------------------- validation

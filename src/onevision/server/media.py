@@ -465,8 +465,8 @@ def load_request_media(items: list[tuple[str, str, str]], limits: MediaLimits, f
     scope = current_scope()
     if scope is not None and scope.budget is not None:
         if cost > scope.budget.capacity:
-            raise InvalidRequest(f"the request's media need {cost} decoded pixels; the server's limit is "
-                                 f"{scope.budget.capacity} (--max-server-pixels)", param="messages",
+            raise InvalidRequest(f"the request's media need {cost} decoded pixels; the limit for all requests at once "
+                                 f"is {scope.budget.capacity} (--max-server-pixels)", param="messages",
                                  code="media_too_large")
         scope.budget.reserve(cost, limits.pixel_wait, scope.cancelled.is_set)
         scope.reserved += cost
