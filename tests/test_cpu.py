@@ -241,6 +241,31 @@ def test_int8_composes_with_left_padded_batched_decode(tiny_ckpt, caps, monkeypa
     assert torch.equal(together, alone)
 
 
+@BRANCHES
+def test_int8_and_int4_compose_with_the_engines_batched_steps(tiny_ckpt, caps, monkeypatch):
+    # staggered requests share decode steps (several rows through the packed kernels) and prompt chunks (int8's
+    # dequantized path from 32 rows on the branch without bf16 arithmetic); each request's tokens equal the same
+    # quantized model's generate on it alone
+    from onevision import AutoProcessor, TorchAoConfig
+    from onevision.engine import Engine, EngineConfig, SamplingParams
+
+    monkeypatch.setattr(cpu, "probe", lambda: caps)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
+    for quant in (Int8WeightOnlyConfig(), PrototypeInt4WeightOnlyConfig(group_size=32)):
+        model = load_ours(tiny_ckpt, dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant_type=quant))
+        prompts = [torch.cat([ids(s)] * k, 1) for s, k in ((4, 1), (5, 4), (6, 2))]  # 12, 48, 24 tokens
+        alone = [model.generate(input_ids=p, max_new_tokens=8, do_sample=False)[0, p.shape[1]:].tolist()
+                 for p in prompts]
+        engine = Engine(model, processor, EngineConfig(max_num_batched_tokens=40))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), {"input_ids": p}, SamplingParams(max_tokens=8, temperature=0))
+            engine.step()
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        assert [done[str(i)] for i in range(3)] == alone, type(quant).__name__
+
+
 # -- oneDNN-packed float32 linears (the engine's batched GEMMs) --------------------------------------------------
 def _mlp():
     torch.manual_seed(0)

@@ -294,3 +294,29 @@ def test_precomputed_vision_features_give_the_reference_logits(our_model, refere
     ids = our_model.generate(input_ids=inputs["input_ids"], image_features=images, video_features=videos,
                              max_new_tokens=6, do_sample=False)
     assert torch.equal(ids, reference_model.generate(**inputs, max_new_tokens=6, do_sample=False))
+
+
+def test_async_engine_computes_with_the_threads_it_was_given(our_model, processors, reference_model):
+    # `onevision serve` keeps one intra-op thread on its main thread and gives the process's count to the engine
+    # thread (cpu.reserve_threads_for_engine): the engine thread must set it, not inherit torch's default
+    import threading
+
+    from onevision.engine import AsyncEngine
+
+    ours = processors[0]
+    conv = [user(text="Hi there")]
+    inputs = ours.apply_chat_template(conv, **KW)
+    before = torch.get_num_threads()
+    for threads in (1, None):
+        engine = Engine(our_model, ours)
+        seen = []
+        engine.runner.logits_hook = lambda seqs, logits: seen.append(torch.get_num_threads())
+        runner = AsyncEngine(engine, threads=threads)
+        done = threading.Event()
+        outputs = []
+        runner.add("r", inputs, greedy(6), lambda out: (outputs.append(out), out.finished and done.set()))
+        assert done.wait(60)
+        runner.shutdown()
+        assert seen and set(seen) == {threads or before}
+        assert outputs[-1].outputs[0].token_ids == reference_tokens(reference_model, processors[1], conv, 6)
+    assert torch.get_num_threads() == before  # the caller's own setting is untouched

@@ -561,7 +561,18 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- serve
+def _spin_between_parallel_regions() -> None:
+    """Before torch (and its libgomp) loads in a server process: OpenMP workers keep spinning for ~1M iterations
+    between parallel regions (libgomp's default: 300k) so that the engine thread's thousands of small regions a step
+    do not wait on worker wake-ups. Measured with the engine on its own thread (0.5B fp32, 2-core Xeon, one
+    computing thread, cpu.reserve_threads_for_engine): decode steps of 1 / 8 sequences 100 / 145 ms -> 85 / 135 ms,
+    as fast as on the main thread. An explicit GOMP_SPINCOUNT (or OMP_WAIT_POLICY) in the environment wins."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    _spin_between_parallel_regions()
     try:
         import uvicorn
 
@@ -570,6 +581,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"the server needs extra packages ({e.name} is missing): pip install 'onevision[server]'"
                        ) from None
     limits = request_limits(args)  # a bad --allowed-local-media-path is reported before the port is bound
+    from onevision import cpu
+
+    engine_threads = cpu.reserve_threads_for_engine()  # this thread loads and serves HTTP; the engine's computes
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         _status(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it")
     from onevision.server.http import bind_socket, default_allowed_hosts
@@ -589,7 +603,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           body_timeout=args.body_timeout, header_timeout=args.header_timeout,
                           max_json_elements=args.max_json_elements,
                           max_connections=args.max_connections or _default_connections(),
-                          engine=engine_config(args))
+                          engine=engine_config(args), engine_threads=engine_threads)
     app = create_app(model, processor, config)
     engine = app.state.server.engine
 

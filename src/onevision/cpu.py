@@ -133,6 +133,23 @@ PACK_ROWS_HINT = 32  # oneDNN packs for this many rows: the best of 1..256 over 
 PACKED_FROM_ROWS = 3  # fewer rows keep the reference GEMM on the plain weight: bit-identical, and faster there
 
 
+# -- threads ------------------------------------------------------------------------------------------------------
+# libgomp (PyTorch's OpenMP) keeps its workers spinning between parallel regions only while the process has no more
+# OpenMP threads than CPUs. Every thread that starts parallel regions gets a worker pool of its own, so a model that
+# computes on one thread after another thread has run parallel regions too (loading on the main thread) makes the
+# pools sleep between regions, and the engine's thousands of small regions per step then wait on wake-ups: decode
+# steps measured 25-30% slower on a 2-core Xeon. (Lowering helper threads with torch.set_num_threads(1) is worse:
+# the server's decode got 1.6x slower, so media threads keep torch's default.)
+def reserve_threads_for_engine() -> int:
+    """For a process whose model computes on a thread of its own (`onevision serve`), called before anything else
+    runs torch: the calling thread keeps one intra-op thread from now on, and the returned count (the process's
+    default) is for the engine's thread (AsyncEngine(threads=...))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+
 _state = threading.local()
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from onevision.engine.engine import Engine
 from onevision.engine.params import RequestOutput, SamplingParams
 
@@ -19,8 +21,11 @@ Sink = Callable[[Any], None]  # receives RequestOutputs, then possibly an Except
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, log_every: float = 10.0):
+    def __init__(self, engine: Engine, log_every: float = 10.0, threads: int | None = None):
         self.engine = engine
+        # intra-op threads of the engine thread (None: the creating thread's, which cpu.reserve_threads_for_engine
+        # may have lowered to 1 for itself)
+        self.threads = threads or torch.get_num_threads()
         self._cond = threading.Condition()
         self._inbox: collections.deque[tuple] = collections.deque()
         self._sinks: dict[str, Sink] = {}
@@ -55,6 +60,7 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
         engine = self.engine
+        torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 while not self._inbox and not engine.has_unfinished() and not self._stopping:

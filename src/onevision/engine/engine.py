@@ -198,6 +198,7 @@ class Engine:
         now = time.monotonic()
         touched: dict[str, None] = {}
         m = self.metrics
+        argmax = logits.argmax(-1).tolist() if sampled else []  # one call for every row (greedy takes it)
         with m.lock:
             for i, seq in enumerate(sampled):
                 if seq.finished:  # aborted meanwhile
@@ -206,7 +207,7 @@ class Engine:
                 if seq.params.n > 1 and seq.num_generated == 0 and seq.index == 0:
                     family += self._fork(seq)
                 for s in family:
-                    token = sample(s, logits[i], self.eos_ids)
+                    token = sample(s, logits[i], self.eos_ids, argmax[i])
                     s.token_ids.append(token)
                     if s.first_token is None:
                         s.first_token = now

@@ -54,6 +54,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching, KV and vision cache sizes
     metrics: bool = True  # GET /metrics (Prometheus text format)
     stats_interval: float = 10.0  # seconds between throughput log lines while busy
+    engine_threads: int | None = None  # intra-op threads of the engine thread (None: the creating thread's)
     media_threads: int = 4
     web: bool = True  # the chat page at GET / (server/web/)
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host names answered ("*": any); see server/http.py
@@ -258,7 +259,8 @@ class _State(chat.RequestState):
     def __init__(self, model, processor, config: ServerConfig, fetcher: RemoteFetcher | None):
         core = Engine(model, processor, config.engine)
         super().__init__(model, processor, config, fetcher, core)
-        self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval)
+        self.engine = ServingEngine(core, max_queue=config.max_queue, stats_interval=config.stats_interval,
+                                    threads=config.engine_threads)
         # room for the most remote fetches at once on top of media_threads: a slow remote ties up nothing else
         self.pool = ThreadPoolExecutor(config.media_threads + config.media.max_concurrent_fetches,
                                        thread_name_prefix="onevision-media")

@@ -105,10 +105,10 @@ class Job:
 
 
 class ServingEngine:
-    def __init__(self, engine: Engine, max_queue: int = 64, stats_interval: float = 10.0):
+    def __init__(self, engine: Engine, max_queue: int = 64, stats_interval: float = 10.0, threads: int | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.engine = AsyncEngine(engine, log_every=stats_interval)
+        self.engine = AsyncEngine(engine, log_every=stats_interval, threads=threads)
         self.capacity = engine.config.max_num_seqs + max_queue
         self._lock = threading.Lock()
         self._admitted = 0
