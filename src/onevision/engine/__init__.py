@@ -39,7 +39,13 @@ string / length / abort and releases text incrementally (O(1) decode per token, 
 stop string held back). The server, the CLI, `LLM` and `onevision batch` all read `RequestOutput`s from here.
 
 Threads. `Engine` is driven by one thread. `AsyncEngine` (async_engine.py) runs it on a background thread for
-the server and the CLI, taking requests and aborts through a queue; `LLM` (llm.py) drives it inline.
+the server, taking requests and aborts through a queue, with the intra-op thread count it is given (`onevision
+serve` leaves its main thread one, so the engine thread is the only OpenMP pool: see cpu.py); `LLM` (llm.py) and
+the CLI's chat drive it inline.
+
+CPU GEMMs. On CPU in float32 the engine gives every linear a oneDNN-packed copy of its weight and uses it for
+calls of 3+ rows inside its steps (cpu.PackedLinear, `cpu_weight_packing`): MKL runs the 8-16-row GEMMs of
+batched decode at a third of its rate. Outside the engine's steps the model keeps the reference GEMM.
 """
 
 from onevision.engine.engine import Engine, EngineConfig
