@@ -1,6 +1,6 @@
 """CPU compute paths: probe the CPU once, choose per dtype, swap nn.Linear layers after loading.
 
-The model's forward structure is untouched: only `nn.Linear` modules are replaced (by `Fp16ViaFloat32Linear`,
+The model's forward structure is untouched: only `nn.Linear` modules are replaced (by `Fp16ViaFloat32Linear`, `PackedLinear`,
 `Int8Linear`, `Int4Linear`), so the same Qwen2/SigLIP modules serve single requests and batched decode.
 
 * float32 and bfloat16: plain `F.linear` (oneDNN/MKL already run bf16 at the bf16 GEMM rate where the CPU has
@@ -8,6 +8,8 @@ The model's forward structure is untouched: only `nn.Linear` modules are replace
 * float16 on a CPU without fast fp16 arithmetic (`torch.ops.mkldnn._is_mkldnn_fp16_supported()` False): fp16 GEMMs
   fall back to a slow loop (~20 GFLOP/s), so weights stay fp16 in memory and each Linear computes in float32,
   rounding its output back to fp16. `compute="reference"` keeps transformers' native fp16 numerics.
+* float32 in the serving engine: every Linear also keeps a oneDNN-packed weight (`PackedLinear`), used for 3+
+  rows inside the engine's steps (`packed_gemms`), where MKL's sgemm is slow on the few rows of batched decode.
 * int8 / int4 weight-only (torchao configs, see quantization.py): packed once. Which kernel a call takes depends on
   the CPU (`quant_plan`) and on the rows it multiplies (M: 1..16 in decode, the prompt length in prefill):
   - `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` with bf16 activations for every M on a CPU
@@ -129,10 +131,6 @@ def apply_compute_paths(model: nn.Module, compute: str = "auto", caps: dict[str,
     return swapped
 
 
-PACK_ROWS_HINT = 32  # oneDNN packs for this many rows: the best of 1..256 over 1..256-row calls (below)
-PACKED_FROM_ROWS = 3  # fewer rows keep the reference GEMM on the plain weight: bit-identical, and faster there
-
-
 # -- threads ------------------------------------------------------------------------------------------------------
 # libgomp (PyTorch's OpenMP) keeps its workers spinning between parallel regions only while the process has no more
 # OpenMP threads than CPUs. Every thread that starts parallel regions gets a worker pool of its own, so a model that
@@ -149,7 +147,9 @@ def reserve_threads_for_engine() -> int:
     return threads
 
 
-
+# -- the engine's float32 GEMMs -----------------------------------------------------------------------------------
+PACK_ROWS_HINT = 32  # oneDNN packs for this many rows: the best of 1..256 over 1..256-row calls (below)
+PACKED_FROM_ROWS = 3  # fewer rows keep the reference GEMM on the plain weight: bit-identical, and faster there
 _state = threading.local()
 
 
@@ -167,15 +167,15 @@ def packed_gemms(enabled: bool = True):
 
 class PackedLinear(nn.Linear):
     """A float32 Linear that also holds its weight reordered once by oneDNN into its blocked GEMM layout, used by
-    the engine's batched steps (inside `packed_gemms()`). Measured on a 2-core AVX-512 Xeon, Qwen2-0.5B's 24 layers of linears, weights streamed
-    from DRAM (ms per pass over the layers; one process, same load):
+    the engine's batched steps (inside `packed_gemms()`). Measured on a 2-core AVX-512 Xeon, Qwen2-0.5B's 24
+    layers of linears, weights streamed from DRAM (ms per pass over the layers; one process, same load):
 
         rows                   1    2    4    8   16   64  256
         F.linear (reference)  46   53   86  115  123  295  692   MKL sgemm on the (out, in) weight
         oneDNN packed         54   56   63   73   89  220  635   _reorder_linear_weight(w, 32), _linear_pointwise
 
     and the engine's whole decode step (with lm_head): 1 sequence 80 ms either way (rows < PACKED_FROM_ROWS take
-    F.linear); 8 sequences 139 ms against 217. Packed products differ from the reference's by summation order
+    F.linear); 8 sequences 127 ms against 215. Packed products differ from the reference's by summation order
     only (~1e-6 relative). The plain weight stays (tied embeddings, state_dict, one-row calls): packing costs a
     second copy of every linear's weight, so the engine packs only when that fits its memory rule."""
 
@@ -196,20 +196,16 @@ def _packing_works() -> bool:
         return False
 
 
-def packable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules()
-            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
-
-
 def pack_fp32_linears(model: nn.Module, budget: int | None = None) -> int:
     """Give every float32 CPU Linear its oneDNN-packed copy (PackedLinear), if their bytes fit in `budget`
     (None: no limit). Returns the bytes added (0: nothing packed; layers packed before are kept)."""
-    linears = packable_linears(model)
-    need = sum(m.weight.numel() * 4 for _, m in linears)
+    linears = [m for m in model.modules()
+               if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    need = sum(m.weight.numel() * 4 for m in linears)
     if not linears or (budget is not None and need > budget) or not _packing_works():
         return 0
     with torch.no_grad():
-        for _, module in linears:
+        for module in linears:
             module.__class__ = PackedLinear
             module.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(),
                                                                                      PACK_ROWS_HINT),
