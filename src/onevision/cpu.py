@@ -1,7 +1,8 @@
 """CPU compute paths: probe the CPU once, choose per dtype, swap nn.Linear layers after loading.
 
-The model's forward structure is untouched: only `nn.Linear` modules are replaced (by `Fp16ViaFloat32Linear`, `PackedLinear`,
-`Int8Linear`, `Int4Linear`), so the same Qwen2/SigLIP modules serve single requests and batched decode.
+The model's forward structure is untouched: only `nn.Linear` modules are replaced (by `Fp16ViaFloat32Linear`,
+`PackedLinear`, `Int8Linear`, `Int4Linear`), so the same Qwen2/SigLIP modules serve single requests and batched
+decode.
 
 * float32 and bfloat16: plain `F.linear` (oneDNN/MKL already run bf16 at the bf16 GEMM rate where the CPU has
   bf16 arithmetic); bit-identical to transformers.
