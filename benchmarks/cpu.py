@@ -70,6 +70,19 @@ def load(name, folder):
     return LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype, **kw)
 
 
+def prefill_dtype(name: str) -> torch.dtype:
+    """The dtype a configuration's prompt GEMMs run in on this CPU (the TTFT limit's rate): fp16 models compute in
+    fp32 on a CPU without fp16 arithmetic, and int8/int4 prefill dequantizes to fp32 on one without bf16's."""
+    from onevision import cpu
+
+    engine, dtype, quant, compute = CONFIGS[name]
+    if name == "ov-fp16":
+        return cpu.fp16_compute_dtype(cpu.probe(), "auto")
+    if engine == "ov" and quant and cpu.quant_plan(quant)["dequant_from_rows"] is not None:
+        return torch.float32
+    return compute
+
+
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter/buffer except the input embedding (a lookup),
     counted once even when lm_head is tied to it."""
@@ -111,11 +124,12 @@ def child(name, folder) -> dict:
         s = Times()
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, streamer=s)
     peak_mb = peak_rss_mb()  # before the engine, whose KV pool takes a share of free memory
+    bytes_per_token = weight_bytes_per_token(model)  # before the engine adds its packed copies (cpu.PackedLinear)
     engine_tps = engine_batched(model, folder) if name.startswith("ov") else None
     return dict(name=name, load_s=load_s, ttft_s=s.times[0] - s.start,
                 decode_tps=(len(s.times) - 1) / (s.times[-1] - s.times[0]), peak_mb=peak_mb,
                 prompt_tokens=int(inputs["input_ids"].shape[1]), patches=int(inputs["pixel_values"].shape[1]),
-                bytes_per_token=weight_bytes_per_token(model), tokens=out[0, -32:].tolist(), engine_tps=engine_tps)
+                bytes_per_token=bytes_per_token, tokens=out[0, -32:].tolist(), engine_tps=engine_tps)
 
 
 PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.", "List three uses of copper.",
@@ -152,17 +166,20 @@ def vllm_child(folder: str, prompt: str, batch_prompts: list[str]) -> dict:
     llm = LLM(model=folder, dtype="bfloat16", max_model_len=4096, enable_prefix_caching=False,
               limit_mm_per_prompt={"image": 1}, max_num_seqs=16, seed=0)
     load_s = time.perf_counter() - t
-    req = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 451, 3), dtype=np.uint8))
 
-    def run(n):
+    def run(n, img):
         t = time.perf_counter()
+        req = {"prompt": prompt, "multi_modal_data": {"image": img}}
         out = llm.generate(req, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t, out
 
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     llm.generate(batch_prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up, compile
-    ttft, _ = run(1)  # one image prefill each: on a CPU without bf16 arithmetic they take minutes
-    full, out = run(33)
+    # one image prefill each (minutes without bf16 arithmetic); two images of one size (the same prompt and work),
+    # since vllm caches an image's encoder output and the second run of one image would skip it
+    full, out = run(33, image)
+    ttft, _ = run(1, other)
     t = time.perf_counter()
     outs = llm.generate(batch_prompts, sp, use_tqdm=False)
     engine_tps = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
@@ -261,7 +278,7 @@ def main() -> None:
             print(f"| {name} | failed: {run.stderr.strip().splitlines()[-1:]} |")
             continue
         res = results[name] = json.loads(line[7:])
-        compute = CONFIGS[name][3]
+        compute = prefill_dtype(name)
         if res["patches"] is None:  # vllm: the same prompt and weights as onevision bf16
             ref_res = results.get("ov-bf16") or next(iter(results.values()), res)
             res["patches"], res["bytes_per_token"] = ref_res["patches"], ref_res["bytes_per_token"]

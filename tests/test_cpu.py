@@ -304,3 +304,18 @@ def test_packing_respects_its_budget_and_a_torch_without_onednn(monkeypatch):
     half = _mlp().half()
     monkeypatch.undo()
     assert cpu.pack_fp32_linears(half) == 0  # float32 only
+
+
+def test_fp16_fast_path_keeps_native_fp16_for_decode_rows():
+    # decode-sized calls are memory-bound: fp16 arithmetic (transformers' bits); prefill-sized calls go via fp32
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48).half()
+    fast = nn.Linear(64, 48).half()
+    fast.load_state_dict(layer.state_dict())
+    fast.__class__ = cpu.Fp16ViaFloat32Linear
+    for rows in (1, cpu.NATIVE_FP16_MAX_ROWS):
+        x = torch.randn(rows, 64).half()
+        assert torch.equal(fast(x), layer(x))
+    x = torch.randn(cpu.NATIVE_FP16_MAX_ROWS + 1, 64).half()
+    via_fp32 = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).half()
+    assert torch.equal(fast(x), via_fp32)
