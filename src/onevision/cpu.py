@@ -195,6 +195,7 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+@functools.cache
 def _packing_works() -> bool:
     try:
         layer = nn.Linear(8, 4)
