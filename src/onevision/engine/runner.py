@@ -73,16 +73,16 @@ class ModelRunner:
         return sampled, logits
 
 
-def sample(seq: Sequence, logits: torch.Tensor, eos_ids: list[int], argmax: int | None = None) -> int:
+def sample(seq: Sequence, logits: torch.Tensor, eos_ids: list[int], argmax: int) -> int:
     """One token for one sequence from its (V,) float32 logits, with the reference's processing order. `argmax`:
-    the logits' argmax if already known (the engine takes it for every row in one call)."""
+    the logits' argmax (the engine takes it for every row in one call), which plain greedy returns."""
     p = seq.params
     ban = None
     if seq.num_generated < p.min_tokens:
         banned = ([] if p.ignore_eos else eos_ids) + p.stop_token_ids
         ban = torch.tensor(banned, device=logits.device) if banned else None
     if p.greedy and p.repetition_penalty == 1.0 and ban is None:
-        return int(logits.argmax()) if argmax is None else argmax
+        return argmax
     seen = torch.tensor(seq.token_ids, device=logits.device)[None] if p.repetition_penalty != 1.0 else None
     scores = sampling.process(logits[None], seen, repetition=p.repetition_penalty, ban=ban, do_sample=not p.greedy,
                               temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p,
