@@ -79,6 +79,22 @@ def test_fp16_fast_path_is_as_close_to_fp32_as_transformers_fp16(tiny_ckpt, fp32
     assert fast <= ref16, (fast, ref16)
 
 
+def test_fp16_fast_path_decode_step_is_as_close_to_fp32_as_transformers_fp16(tiny_ckpt, reference_model, monkeypatch):
+    # a prefill of 11 tokens (the fp32-compute path), then one decode step (1 row: native fp16 arithmetic)
+    monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
+    prompt, step = ids()[:, :11], ids()[:, 11:]
+
+    def decode_logits(model):
+        with torch.no_grad():
+            past = model(input_ids=prompt, use_cache=True).past_key_values
+            return model(input_ids=step, past_key_values=past, use_cache=True).logits[:, -1].float()
+
+    fp32 = decode_logits(reference_model)
+    ref16 = (decode_logits(load_ref(tiny_ckpt, dtype=torch.float16)) - fp32).abs().max().item()
+    fast = (decode_logits(load_ours(tiny_ckpt, dtype=torch.float16)) - fp32).abs().max().item()
+    assert 0 < fast <= ref16, (fast, ref16)
+
+
 def test_fp16_reference_option_is_bit_identical_to_transformers(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(cpu, "probe", lambda: NO_FP16)
     ours, ref = load_ours(tiny_ckpt, dtype=torch.float16, compute="reference"), load_ref(tiny_ckpt, dtype=torch.float16)
