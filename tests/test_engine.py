@@ -235,6 +235,15 @@ def test_bad_requests_are_refused_with_a_reason(our_model, processors):
 
 
 # --------------------------------------------------------------------------- pure pieces, plain ints
+def test_default_kv_pool_holds_at_most_max_num_seqs_full_contexts(our_model, processors):
+    # a share of free memory would give the tiny model millions of token slots (4 GiB of address space per engine)
+    engine = Engine(our_model, processors[0], EngineConfig(max_num_seqs=3))
+    context = our_model.config.text_config.max_position_embeddings
+    assert engine.blocks.num_blocks == 3 * -(-context // engine.blocks.block_size)
+    explicit = Engine(our_model, processors[0], EngineConfig(max_num_seqs=3, kv_cache_memory=64 << 20))
+    assert explicit.blocks.num_blocks > engine.blocks.num_blocks  # an explicit size is taken as given
+
+
 def test_block_hashes_separate_images_and_chain_prefixes():
     tokens = [1, 2, 3, 4, 9, 9, 9, 9, 5, 6]
     a = block_hashes(tokens, [(4, 4, b"image-a")], 4)

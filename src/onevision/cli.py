@@ -93,7 +93,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "CUDA: lower keeps streams smoother while long prompts are read, higher reads prompts faster)")
     g.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
                    help="memory for the KV cache, e.g. 2GiB (default: a quarter of free memory, at most 4 GiB, on "
-                        "CPU; 80%% of free memory on CUDA)")
+                        "CPU; 80%% of free memory on CUDA; never more than --max-num-seqs full contexts hold)")
     g.add_argument("--vision-cache-memory", type=_size, default=512 << 20, metavar="SIZE",
                    help="memory for vision features kept by image content, e.g. 512MiB (default); 0 turns it off")
     g.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",

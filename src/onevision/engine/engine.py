@@ -34,7 +34,8 @@ class EngineConfig:
     max_num_seqs: int = 16  # sequences decoding together
     max_num_batched_tokens: int | None = None  # new tokens per step (decodes first, then prompt chunks);
     # None: 256 on CPU (a step stays short, so running streams stay smooth), 2048 on CUDA
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None: a share of free memory (default_kv_memory)
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: a share of free memory, at most what
+    # max_num_seqs full contexts hold (default_kv_memory)
     vision_cache_memory: int = 512 << 20  # bytes of projected vision features kept by content hash
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -67,12 +68,14 @@ def available_memory(device: torch.device) -> int:
         return 8 * GiB
 
 
-def default_kv_memory(device: torch.device) -> int:
+def default_kv_memory(device: torch.device, most: int | None = None) -> int:
     """What vLLM does, scaled for a laptop: on CUDA 80% of the free memory after loading; on CPU a quarter of the
-    available memory, at most 4 GiB (vLLM's CPU default), at least 64 MiB."""
+    available memory, at most 4 GiB (vLLM's CPU default), at least 64 MiB; and never more than `most` bytes (the
+    engine passes what max_num_seqs full contexts hold: more only reserves address space, and six engines of a
+    tiny test model once made one 24 GiB mapping that a fork of their process could not copy)."""
     free = available_memory(device)
-    share = int(free * 0.8) if device.type == "cuda" else min(free // 4, 4 * GiB)
-    return max(share, 64 << 20)
+    share = max(int(free * 0.8) if device.type == "cuda" else min(free // 4, 4 * GiB), 64 << 20)
+    return share if most is None else min(share, most)
 
 
 class Engine:
@@ -93,7 +96,8 @@ class Engine:
         runner_dtype = ModelRunner.compute_dtype(model)
         per_block = PagedKVCache.bytes_per_block(text.num_hidden_layers, config.block_size, text.num_key_value_heads,
                                                  text.head_dim, runner_dtype)
-        memory = config.kv_cache_memory or default_kv_memory(model.device)
+        full_contexts = config.max_num_seqs * -(-self.max_model_len // config.block_size) * per_block
+        memory = config.kv_cache_memory or default_kv_memory(model.device, most=full_contexts)
         num_blocks = memory // per_block
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={memory} bytes holds {num_blocks} KV blocks of {per_block} bytes "
