@@ -314,6 +314,51 @@ def test_packed_linears_keep_reference_bits_outside_the_engine_and_pack_inside()
         assert torch.equal(model(x), reference)
 
 
+def test_fused_groups_pack_siblings_into_one_gemm_inside_the_engine_only():
+    """q/k/v and gate/up (the modules' FUSABLE groups) become one packed weight each; a decoder layer gives the
+    reference's bits outside packed_gemms() and, inside, the concatenated GEMM's outputs (not the three linears')."""
+    if not cpu._packing_works():
+        pytest.skip("this torch build has no oneDNN linear ops (the engine then keeps the reference GEMM)")
+    from onevision.config import Qwen2Config
+    from onevision.models.qwen2 import Qwen2DecoderLayer, RotaryEmbedding, project
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1)
+    torch.manual_seed(0)
+    layer = Qwen2DecoderLayer(cfg, 0)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.2)
+    attn, mlp = layer.self_attn, layer.mlp
+    added = cpu.pack_fp32_linears(layer)
+    assert added == 4 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    assert type(attn.q_proj) is nn.Linear and type(mlp.gate_proj) is nn.Linear  # grouped, not packed one by one
+    assert type(attn.o_proj) is cpu.PackedLinear and type(mlp.down_proj) is cpu.PackedLinear
+    assert set(attn.__dict__) >= {"fused_qkv"} and set(mlp.__dict__) >= {"fused_gate_up"}
+    assert not any("fused" in k or "packed" in k for k in layer.state_dict())
+    assert cpu.pack_fp32_linears(layer) == 0 and type(attn.q_proj) is nn.Linear  # packing twice adds nothing
+    rope = RotaryEmbedding(cfg)
+    for rows in (2, 3, 9):
+        x = torch.randn(1, rows, 64)
+        cos, sin = rope(torch.arange(rows)[None], torch.float32)
+        q_ref, k_ref, v_ref = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        fused = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        with torch.no_grad():
+            reference = layer(x, cos, sin, None, None, False)[0]
+            assert torch.equal(layer(x, cos, sin, None, None, False)[0], reference)  # outside: bit for bit
+            with cpu.packed_gemms():
+                q, k, v = project(attn, "qkv", x)
+                inside = layer(x, cos, sin, None, None, False)[0]
+            if rows >= cpu.PACKED_FROM_ROWS:
+                one = torch.ops.mkldnn._linear_pointwise(x, attn.__dict__["fused_qkv"].packed, bias, "none", [], "")
+                assert torch.equal(torch.cat([q, k, v], -1), one)
+                torch.testing.assert_close(one, nn.functional.linear(x, fused, bias), rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+                assert torch.equal(inside, reference)
+            torch.testing.assert_close(inside, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_packing_respects_its_budget_and_a_torch_without_onednn(monkeypatch):
     model = _mlp()
     assert cpu.pack_fp32_linears(model, budget=1000) == 0 and all(type(m) is nn.Linear for m in model)

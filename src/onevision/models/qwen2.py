@@ -48,12 +48,24 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def project(module: nn.Module, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The outputs of the linears `module.FUSABLE[group]` on x: one call each (the reference), or one GEMM over their
+    concatenated weights where a CPU backend fused them for the engine's batched steps (cpu.PackedGroup in
+    module.__dict__["fused_" + group]; it returns None for calls it does not take)."""
+    fused = module.__dict__.get("fused_" + group)
+    if fused is not None and (out := fused(x)) is not None:
+        return out
+    return tuple(getattr(module, name)(x) for name in module.FUSABLE[group])
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class Qwen2Attention(nn.Module):
+    FUSABLE = {"qkv": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, cfg: Qwen2Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -68,9 +80,10 @@ class Qwen2Attention(nn.Module):
                 cache: KVCache | None, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, _ = x.shape
         # (B, S, C) -> (B, heads, S, head_dim)
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, "qkv", x)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -84,6 +97,8 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
+    FUSABLE = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -93,7 +108,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, "gate_up", x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
