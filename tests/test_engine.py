@@ -119,6 +119,43 @@ def test_mixed_workload_equals_reference(config, our_model, processors, expected
         assert engine.scheduler.num_preemptions > 0
 
 
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    """flash_attn_varlen_func's contract in plain torch (the CUDA kernel is not on this machine), to check the
+    engine's plumbing of it: per sequence b, queries q[cu_q[b]:cu_q[b+1]] (total_q, H, D) attend to keys
+    k[cu_k[b]:cu_k[b+1]] (total_k, H_kv, D), causally aligned to the last key; GQA by groups of query heads."""
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cu_q.dtype == cu_k.dtype == torch.int32
+    assert causal and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        qq = q[qs:qe].transpose(0, 1)  # (H, Lq, D)
+        kk = k[ks:ke].transpose(0, 1).repeat_interleave(rep, 0)
+        vv = v[ks:ke].transpose(0, 1).repeat_interleave(rep, 0)
+        lq, lk = qe - qs, ke - ks
+        allowed = torch.arange(lq)[:, None] + (lk - lq) >= torch.arange(lk)[None, :]
+        scores = (qq @ kk.transpose(1, 2) * softmax_scale).masked_fill(~allowed, float("-inf"))
+        out[qs:qe] = (torch.softmax(scores, -1) @ vv).transpose(0, 1)
+    return out
+
+
+def test_varlen_attention_plumbing_gives_the_reference_tokens(our_model, processors, expected):
+    """On CUDA the engine hands every sequence of a step to flash-attn's varlen kernel at once: the pool's keys
+    gathered in (total, H_kv, D), cumulative lengths, causal alignment. With that kernel's contract computed in
+    torch, the mixed workload (chunked prefill, decode, a preemption) still gives transformers' tokens."""
+    ours = processors[0]
+    text = our_model.config.text_config
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+    engine = Engine(our_model, ours, EngineConfig(max_num_batched_tokens=40, block_size=8,
+                                                  kv_cache_memory=420 * per_token))
+    engine.runner.varlen = varlen_reference
+    requests = {name: (ours.apply_chat_template(conv, **KW), greedy(LENGTHS[name])) for name, conv in WORKLOAD.items()}
+    done, _ = run(engine, requests, {name: 3 * i for i, name in enumerate(WORKLOAD)})
+    for name in WORKLOAD:
+        assert done[name].outputs[0].token_ids == expected[name], name
+    assert engine.scheduler.num_preemptions > 0
+
+
 def test_logits_equal_reference_forward_at_every_step(our_model, reference_model, processors):
     ours = processors[0]
     engine = Engine(our_model, ours, EngineConfig(max_num_batched_tokens=32))

@@ -69,14 +69,15 @@ class KVCache:
 
 
 class PagedKVCache:
-    """The engine's KV pool: per layer one (num_blocks * block_size, H_kv, D) tensor for keys and one for values,
+    """The engine's KV pool: per layer one (H_kv, num_blocks * block_size, D) tensor for keys and one for values,
     allocated once. A token's slot is block_id * block_size + offset; sequences own blocks through a block table
-    (engine/blocks.py), so rows of any length share one pool and blocks can be shared by several sequences."""
+    (engine/blocks.py), so rows of any length share one pool and blocks can be shared by several sequences. Heads
+    first: a gather of a sequence's slots is already the (H_kv, context, D) layout attention multiplies."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         # empty, not zeros: a page of the pool costs memory only once a block on it is first written, and only
         # written slots are ever read (padding reads repeat a sequence's own first slot)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -91,7 +92,7 @@ class PagedKVCache:
         bs = self.block_size
         for buffers in (self.keys, self.values):
             for t in buffers:
-                t[dst * bs:(dst + 1) * bs] = t[src * bs:(src + 1) * bs]
+                t[:, dst * bs:(dst + 1) * bs] = t[:, src * bs:(src + 1) * bs]
 
 
 class PagedBatch:
@@ -100,7 +101,8 @@ class PagedBatch:
     slots (N,): where each new token's K/V is written. segments: per sequence (q_start, q_len, gather) where the
     sequence's new queries are q[q_start:q_start+q_len] and it attends to the keys read from the pool at
     `gather` (context,) slots: its earlier tokens, then the new ones, causally. Decoding sequences (one query
-    each) attend together in one padded SDPA call; prompt chunks one call each."""
+    each) attend together in two batched matmuls over their keys padded to the longest; prompt chunks one SDPA
+    call each."""
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, segments: list[tuple[int, int, torch.Tensor]],
                  varlen=None):
@@ -126,40 +128,44 @@ class PagedBatch:
                 index[i, :g.shape[0]] = g
                 index[i, g.shape[0]:] = g[0]  # padding: a slot this sequence wrote (finite), masked out below
             lengths = torch.tensor([g.shape[0] for _, g in decode], device=device)
-            self.decode_rows = torch.tensor([start for start, _ in decode], device=device)
+            starts = [start for start, _ in decode]
+            # all rows decode, in order (the common step): q and the output need no gather or scatter
+            self.decode_rows = None if starts == list(range(len(segments))) else torch.tensor(starts, device=device)
             self.decode_index = index  # (B, width) pool slots
-            self.decode_mask = (torch.arange(width, device=device)[None] < lengths[:, None])[:, None, None]
+            padding = torch.arange(width, device=device)[None] >= lengths[:, None]  # (B, width)
+            self.decode_bias = torch.zeros(len(decode), 1, width, device=device).masked_fill_(padding[:, None],
+                                                                                             float("-inf"))
+            self.decoding = True
         else:
-            self.chunks = segments
+            self.chunks, self.decoding = segments, False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) new tokens -> (1, H, N, D); stores k/v in the pool first."""
         from onevision.models.attention import sdpa
 
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.slots] = k[0].transpose(0, 1)
-        values[self.slots] = v[0].transpose(0, 1)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (H_kv, slots, D)
+        keys[:, self.slots] = k[0]
+        values[:, self.slots] = v[0]
         if self.varlen is not None:  # one kernel for every sequence; causal aligned to each one's last key
-            out = self.varlen(q[0].transpose(0, 1), keys[self.gather_all], values[self.gather_all], self.cu_q,
-                              self.cu_k, self.max_q, self.max_k, softmax_scale=scale, causal=True)
+            kk = keys.transpose(0, 1)[self.gather_all]  # (total keys, H_kv, D), contiguous as flash-attn wants
+            vv = values.transpose(0, 1)[self.gather_all]
+            out = self.varlen(q[0].transpose(0, 1), kk, vv, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                              softmax_scale=scale, causal=True)
             return out.transpose(0, 1)[None]
-        if not self.chunks and self.decode_rows is None:
+        if not self.chunks and not self.decoding:
             return q  # nothing scheduled
-        out = torch.empty_like(q) if self.decode_rows is not None or len(self.chunks) > 1 else None
-        if self.decode_rows is not None:
-            # one query per sequence: two small matmuls beat SDPA's dispatch (and its threads) at this size
-            kk = keys[self.decode_index].permute(0, 2, 1, 3)  # (B, H_kv, width, D)
-            vv = values[self.decode_index].permute(0, 2, 1, 3)
-            b, h_kv = kk.shape[:2]
-            qq = q[0, :, self.decode_rows].transpose(0, 1).reshape(b, h_kv, -1, q.shape[-1])  # (B, H_kv, rep, D)
-            scores = torch.matmul(qq, kk.transpose(-1, -2)).float() * scale  # (B, H_kv, rep, width)
-            probs = torch.softmax(scores.masked_fill(~self.decode_mask, float("-inf")), dim=-1).to(q.dtype)
-            rows = torch.matmul(probs, vv).reshape(b, -1, q.shape[-1])  # (B, H, D)
-            out[0, :, self.decode_rows] = rows.transpose(0, 1)
+        out = None
+        if self.decoding:
+            rows = self._decode(q, keys, values, scale)  # (H, B, D)
+            if self.decode_rows is None and not self.chunks:
+                return rows[None]
+            out = torch.empty_like(q)
+            out[0, :, self.decode_rows if self.decode_rows is not None else slice(0, rows.shape[1])] = rows
+        elif len(self.chunks) > 1:
+            out = torch.empty_like(q)
         for start, q_len, gather in self.chunks:
             ctx = gather.shape[0]
-            kk = keys[gather].transpose(0, 1)[None]  # (1, H_kv, ctx, D)
-            vv = values[gather].transpose(0, 1)[None]
+            kk, vv = keys[:, gather][None], values[:, gather][None]  # (1, H_kv, ctx, D)
             qq = q[:, :, start:start + q_len]
             if q_len == 1 or q_len == ctx:  # one query sees everything; a fresh prompt is plain causal
                 mask = None
@@ -171,6 +177,21 @@ class PagedBatch:
                 return result
             out[:, :, start:start + q_len] = result
         return out
+
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """One query per sequence against its padded keys: two batched matmuls, which beat SDPA's dispatch (and its
+        threads) at this size. Returns (H, B, D)."""
+        h_kv, d = keys.shape[0], keys.shape[-1]
+        b, width = self.decode_index.shape
+        qq = q[0] if self.decode_rows is None else q[0, :, self.decode_rows]  # (H, B, D)
+        qq = qq.reshape(h_kv, -1, b, d).transpose(1, 2).reshape(h_kv * b, -1, d)  # (H_kv * B, rep, D)
+        kk = keys[:, self.decode_index].view(h_kv * b, width, d)  # (H_kv * B, width, D)
+        vv = values[:, self.decode_index].view(h_kv * b, width, d)
+        scores = torch.bmm(qq, kk.transpose(1, 2)).float() * scale  # (H_kv * B, rep, width)
+        scores = (scores.view(h_kv, b, -1, width) + self.decode_bias).view(h_kv * b, -1, width)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        rows = torch.bmm(probs, vv)  # (H_kv * B, rep, D)
+        return rows.view(h_kv, b, -1, d).transpose(1, 2).reshape(-1, b, d)  # (H, B, D)
 
     def advance(self) -> None:
         pass
