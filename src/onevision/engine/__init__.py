@@ -12,11 +12,12 @@ Queues and steps (scheduler.py). `waiting` (arrival order) and `running`. Every 
 (`max_num_batched_tokens`): running sequences that decode take one token each first, so streams keep flowing
 while a new prompt is prefilled; running prefills continue in chunks with what is left; then waiting sequences
 are admitted while the budget, `max_num_seqs` and the free KV blocks allow. One forward runs every scheduled
-token of every sequence as one flat batch (runner.py): linear layers see (N, C), attention runs per sequence
-over its own keys (models/cache.py `PagedBatch`, SDPA).
+token of every sequence as one flat batch (runner.py): linear layers see (N, C); attention reads each sequence's
+own keys (models/cache.py `PagedBatch`): the decoding sequences together in two batched matmuls over their keys
+padded to the longest, each prompt chunk in one SDPA call; on CUDA one flash-attn varlen call for all.
 
-KV cache (models/cache.py, blocks.py). Paged: a pool of `block_size`-token blocks per layer, sized once from
-`kv_cache_memory` (default: a share of free memory), never reallocated. A sequence owns a block table; a token's
+KV cache (models/cache.py, blocks.py). Paged: a pool of `block_size`-token blocks per layer, (H_kv, slots, D)
+for keys and for values, sized once from `kv_cache_memory` (default: a share of free memory), never reallocated. A sequence owns a block table; a token's
 slot is block * block_size + offset. Paging rather than one slot per sequence because admission is bounded by
 the tokens actually held, blocks can be shared (prefix cache, n completions), and freeing is O(blocks).
 Preemption: when a running sequence needs a block and none is free, the most recently admitted running
@@ -44,8 +45,9 @@ serve` leaves its main thread one, so the engine thread is the only OpenMP pool:
 the CLI's chat drive it inline.
 
 CPU GEMMs. On CPU in float32 the engine gives every linear a oneDNN-packed copy of its weight and uses it for
-calls of 3+ rows inside its steps (cpu.PackedLinear, `cpu_weight_packing`): MKL runs the 8-16-row GEMMs of
-batched decode at a third of its rate. Outside the engine's steps the model keeps the reference GEMM.
+calls of 3+ rows inside its steps (cpu.PackedLinear, `cpu_weight_packing`; q/k/v and gate/up as one weight
+each, cpu.PackedGroup): MKL runs the 8-16-row GEMMs of batched decode at a third of its rate. Outside the
+engine's steps the model keeps the reference GEMM.
 """
 
 from onevision.engine.engine import Engine, EngineConfig
