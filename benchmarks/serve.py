@@ -78,6 +78,9 @@ class Server:
         env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
+        # one client (a connection pool) for every request, as a real client keeps: a fresh httpx client per
+        # request spent 20-40 ms building its SSL context, and 8 of them at once 165 ms before the first byte
+        self.client = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -92,7 +95,7 @@ class Server:
         body = {"model": self.model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         record["start"] = time.perf_counter()
         record["times"], record["text"] = [], ""
-        with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=900) as r:
+        with self.client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
@@ -109,6 +112,7 @@ class Server:
         return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
     def close(self):
+        self.client.close()
         self.proc.terminate()
         self.proc.wait(30)
 

@@ -70,10 +70,12 @@ def compile_template(template: str) -> jinja2.Template:
         raise ProcessingError(f"the chat template is not valid Jinja: {e}") from None
 
 
-def template_variables(template: str) -> set[str]:
-    """Names the template reads from its context (kwargs not in here are processor kwargs)."""
+@lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """Names the template reads from its context (kwargs not in here are processor kwargs). Cached: parsing the
+    template again took ~3 ms of every request's preparation."""
     env = compile_template(template).environment
-    return jinja2.meta.find_undeclared_variables(env.parse(template))
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
 
 
 def plain_data(value: Any) -> Any:
