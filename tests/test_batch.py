@@ -319,3 +319,76 @@ def test_served_model_name_refuses_other_models_and_the_cpu_stage_needs_no_weigh
     assert params.max_tokens == 2 and params.greedy and copies == 3 and inputs["input_ids"].shape[1] == prompt_tokens
     with pytest.raises(NotFound, match="`other`.*`tiny`"):
         build(Request(2, "b", {**chat(user("hi")), "model": "other"}), state)
+
+
+def test_remote_fetches_beyond_the_limit_wait_in_a_batch_job_and_are_refused_by_the_server():
+    """Three fetches at once with one slot: the server's fetcher refuses two (503 too_many_fetches), a batch job's
+    State waits for the slot, so every record gets its image (the slot is shared, never exceeded)."""
+    import http.server
+    import math
+    import threading
+    import time
+    from types import SimpleNamespace as NS
+
+    from onevision.batch import State
+    from onevision.server.app import ServerConfig
+    from onevision.server.errors import Overloaded
+    from onevision.server.fetch import RemoteFetcher, open_socket
+
+    body = image_bytes("cat.jpg")
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.3)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with lock:
+                running[0] -= 1
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def fetcher(**kwargs):
+        return RemoteFetcher(resolver=lambda host, p: ["93.184.216.34"], max_concurrent=1,
+                             opener=lambda address, p, timeout: open_socket("127.0.0.1", port, timeout), **kwargs)
+
+    def three_at_once(f):
+        results = []
+
+        def one():
+            try:
+                results.append(f.fetch("http://media.example/cat.jpg", 1 << 20, 10.0))
+            except Overloaded as e:
+                results.append(e)
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    try:
+        served = three_at_once(fetcher())  # the server's default: refused at once
+        assert sum(r == body for r in served) == 1 and sum(isinstance(r, Overloaded) for r in served) == 2
+        config = ServerConfig()
+        config.media.max_concurrent_fetches = 1
+        model = NS(config=NS(text_config=NS(max_position_embeddings=4096)))
+        state = State(model, NS(tokenizer=None, image_token="<image>", video_token="<video>"), config)
+        assert state.fetcher.slot_wait == math.inf and state.fetcher.max_concurrent == 1
+        assert config.media.fetch_wait == 0.0  # the server's config is left as it was
+        waited = three_at_once(fetcher(slot_wait=state.fetcher.slot_wait))
+        assert waited == [body] * 3 and most[0] == 1
+    finally:
+        server.shutdown()

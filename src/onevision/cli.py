@@ -205,8 +205,8 @@ def _request_limit_args(p: argparse.ArgumentParser) -> None:
                    help="wall-clock seconds for a remote image fetch, connect to last byte (default "
                         f"{m.image_fetch_timeout:g}; videos get {m.video_fetch_timeout / m.image_fetch_timeout:g}x)")
     g.add_argument("--max-concurrent-fetches", type=_positive_int, default=m.max_concurrent_fetches,
-                   help=f"remote media fetches at once; more are refused (serve: 503; batch: an error record "
-                        f"- keep --media-threads at or below it) (default {m.max_concurrent_fetches})")
+                   help=f"remote media fetches at once; serve refuses more (503), batch makes them wait "
+                        f"(default {m.max_concurrent_fetches})")
 
 
 def request_limits(args: argparse.Namespace) -> dict:

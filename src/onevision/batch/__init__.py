@@ -33,13 +33,15 @@ def State(model, processor, config, fetcher=None, engine=None):
     the pixel budget and the context (with `engine`, also capped by its KV pool, like the server's).
     `model` may be a weightless `ModelFacts` (Ray's CPU stage builds inputs without loading weights).
     Unlike the server, a record whose media wait for the pixel budget (--max-server-pixels, shared by the job's
-    media threads) waits until other records' media are decoded instead of failing after `pixel_wait` seconds."""
+    media threads) waits until other records' media are decoded instead of failing after `pixel_wait` seconds, and
+    a remote fetch waits for one of the --max-concurrent-fetches slots instead of failing at once."""
     import dataclasses
     import math
 
     from onevision.server.chat import RequestState
 
-    config = dataclasses.replace(config, media=dataclasses.replace(config.media, pixel_wait=math.inf))
+    config = dataclasses.replace(config, media=dataclasses.replace(config.media, pixel_wait=math.inf,
+                                                                   fetch_wait=math.inf))
     return RequestState(model, processor, config, fetcher, engine)
 
 

@@ -29,7 +29,8 @@ class RequestState:
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = processor.tokenizer
         self.fetcher = fetcher or RemoteFetcher(max_redirects=config.media.max_redirects,
-                                                max_concurrent=config.media.max_concurrent_fetches)
+                                                max_concurrent=config.media.max_concurrent_fetches,
+                                                slot_wait=config.media.fetch_wait)
         self.pixels = PixelBudget(config.media.max_server_pixels)
         self.context = request_context(model, engine)
         self.placeholders = [processor.image_token, processor.video_token]

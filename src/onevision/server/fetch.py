@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import math
 import socket
 import ssl
 import threading
@@ -121,9 +122,10 @@ class RemoteFetcher:
 
     def __init__(self, resolver: Callable[[str, int], list[str]] = system_resolver,
                  opener: Callable[[str, int, float], socket.socket] = open_socket, max_redirects: int = 3,
-                 max_concurrent: int = 4):
+                 max_concurrent: int = 4, slot_wait: float = 0.0):
         self.resolver, self.opener, self.max_redirects = resolver, opener, max_redirects
         self.max_concurrent = max_concurrent
+        self.slot_wait = slot_wait  # seconds a fetch waits for a free slot (0: refused at once; inf: waits)
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def check_url(self, url: str) -> tuple[urllib.parse.SplitResult, str, int]:
@@ -150,7 +152,9 @@ class RemoteFetcher:
 
     def fetch(self, url: str, max_bytes: int, timeout: float) -> bytes:
         """The body at `url`; `timeout` seconds of wall-clock time for everything (all hops, DNS aside)."""
-        if not self._slots.acquire(blocking=False):
+        wait = self.slot_wait
+        if not (self._slots.acquire(blocking=False) if wait <= 0 else
+                self._slots.acquire(timeout=None if math.isinf(wait) else wait)):
             raise Overloaded(f"{self.max_concurrent} remote media fetches are already running (the server's "
                              "limit); retry shortly or send the media as a base64 data URI", code="too_many_fetches")
         watchdog = _Watchdog(time.monotonic() + timeout)

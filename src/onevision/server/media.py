@@ -54,6 +54,7 @@ class MediaLimits:
     video_fetch_timeout: float = 30.0
     max_redirects: int = 3
     max_concurrent_fetches: int = 4
+    fetch_wait: float = 0.0  # seconds a fetch waits for one of those slots before a 503 (batch jobs: forever)
     max_request_pixels: int = 200_000_000  # decoded pixels one request may hold (see request_cost)
     max_server_pixels: int = 400_000_000  # decoded pixels in flight over all requests
     pixel_wait: float = 10.0  # seconds a request waits for the server's pixel budget before a 503
