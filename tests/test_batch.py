@@ -345,13 +345,13 @@ def test_remote_fetches_beyond_the_limit_wait_in_a_batch_job_and_are_refused_by_
                 running[0] += 1
                 most[0] = max(most[0], running[0])
             time.sleep(0.3)
+            with lock:  # before the answer: a next fetch can only start after the client has read it
+                running[0] -= 1
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            with lock:
-                running[0] -= 1
 
         def log_message(self, *args):
             pass
