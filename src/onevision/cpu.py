@@ -211,7 +211,6 @@ class PackedGroup:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
             self.bias = None if all(m.bias is None for m in linears) else torch.cat(
                 [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-        self.nbytes = weight.numel() * 4
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         if not _packed_call(x, self.in_features):
@@ -234,6 +233,12 @@ def _packing_works() -> bool:
                                    layer(x), atol=1e-5))
     except (AttributeError, RuntimeError):  # a torch without these ops, or without oneDNN
         return False
+
+
+def has_packed_weights(model: nn.Module) -> bool:
+    """Whether pack_fp32_linears gave `model` packed copies (now or before): a PackedLinear or a PackedGroup."""
+    return any(isinstance(m, PackedLinear) or any(isinstance(v, PackedGroup) for v in vars(m).values())
+               for m in model.modules())
 
 
 def _is_fp32_cpu_linear(m: nn.Module) -> bool:

@@ -17,9 +17,10 @@ own keys (models/cache.py `PagedBatch`): the decoding sequences together in two 
 padded to the longest, each prompt chunk in one SDPA call; on CUDA one flash-attn varlen call for all.
 
 KV cache (models/cache.py, blocks.py). Paged: a pool of `block_size`-token blocks per layer, (H_kv, slots, D)
-for keys and for values, sized once from `kv_cache_memory` (default: a share of free memory), never reallocated. A sequence owns a block table; a token's
-slot is block * block_size + offset. Paging rather than one slot per sequence because admission is bounded by
-the tokens actually held, blocks can be shared (prefix cache, n completions), and freeing is O(blocks).
+for keys and for values, sized once from `kv_cache_memory` (default: a share of free memory), never reallocated.
+A sequence owns a block table; a token's slot is block * block_size + offset. Paging rather than one slot per
+sequence because admission is bounded by the tokens actually held, blocks can be shared (prefix cache, n
+completions), and freeing is O(blocks).
 Preemption: when a running sequence needs a block and none is free, the most recently admitted running
 sequence gives its blocks back and returns to the head of `waiting`; it is later recomputed from its tokens
 so far (prompt + generated), which leaves its answer unchanged (a seeded generator keeps its state).

@@ -90,9 +90,7 @@ class Engine:
         if config.cpu_weight_packing == "auto" and model.device.type == "cpu" and config.max_num_seqs > 1:
             if added := cpu.pack_fp32_linears(model, budget=available_memory(model.device) // 4):
                 log.info("CPU: float32 linears packed by oneDNN for batched steps (+%.0f MiB)", added / 2**20)
-            self.packed = any(isinstance(m, cpu.PackedLinear) or any(isinstance(v, cpu.PackedGroup)
-                                                                     for v in vars(m).values())
-                              for m in model.modules())
+            self.packed = cpu.has_packed_weights(model)
         text = model.config.text_config
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         runner_dtype = ModelRunner.compute_dtype(model)

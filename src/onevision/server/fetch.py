@@ -152,9 +152,7 @@ class RemoteFetcher:
 
     def fetch(self, url: str, max_bytes: int, timeout: float) -> bytes:
         """The body at `url`; `timeout` seconds of wall-clock time for everything (all hops, DNS aside)."""
-        wait = self.slot_wait
-        if not (self._slots.acquire(blocking=False) if wait <= 0 else
-                self._slots.acquire(timeout=None if math.isinf(wait) else wait)):
+        if not self._slots.acquire(timeout=None if math.isinf(self.slot_wait) else max(0.0, self.slot_wait)):
             raise Overloaded(f"{self.max_concurrent} remote media fetches are already running (the server's "
                              "limit); retry shortly or send the media as a base64 data URI", code="too_many_fetches")
         watchdog = _Watchdog(time.monotonic() + timeout)
