@@ -42,6 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def routed_fetcher(port: int, **kwargs):
+    """A RemoteFetcher whose every host resolves to a public address and whose connections go to the local test
+    server on `port` instead: remote-media tests without leaving the machine."""
+    from onevision.server.fetch import RemoteFetcher, open_socket
+
+    return RemoteFetcher(resolver=lambda host, p: ["93.184.216.34"],
+                         opener=lambda address, p, timeout: open_socket("127.0.0.1", port, timeout), **kwargs)
+
+
 class ServerThread:
     """A real uvicorn server for `app` on 127.0.0.1:<free port>, run in a daemon thread; use as a context manager."""
 

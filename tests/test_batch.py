@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _server_helpers import MEDIA, data_uri, image_bytes, reference_answer, video_bytes
+from _server_helpers import MEDIA, data_uri, image_bytes, reference_answer, routed_fetcher, video_bytes
 from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
@@ -333,7 +333,6 @@ def test_remote_fetches_beyond_the_limit_wait_in_a_batch_job_and_are_refused_by_
     from onevision.batch import State
     from onevision.server.app import ServerConfig
     from onevision.server.errors import Overloaded
-    from onevision.server.fetch import RemoteFetcher, open_socket
 
     body = image_bytes("cat.jpg")
     running, most = [0], [0]
@@ -361,8 +360,7 @@ def test_remote_fetches_beyond_the_limit_wait_in_a_batch_job_and_are_refused_by_
     port = server.server_address[1]
 
     def fetcher(**kwargs):
-        return RemoteFetcher(resolver=lambda host, p: ["93.184.216.34"], max_concurrent=1,
-                             opener=lambda address, p, timeout: open_socket("127.0.0.1", port, timeout), **kwargs)
+        return routed_fetcher(port, max_concurrent=1, **kwargs)
 
     def three_at_once(f):
         results = []

@@ -89,6 +89,12 @@ def greedy(n):
     return SamplingParams(max_tokens=n, temperature=0)
 
 
+def preempting_kv_memory(model) -> int:
+    """KV bytes with room for ~1.5 of the workload's largest requests (float32): preemption must happen."""
+    text = model.config.text_config
+    return 420 * 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+
+
 @pytest.mark.parametrize("config", [
     dict(max_num_batched_tokens=2048, cpu_weight_packing="off"),  # whole prompts at once, reference GEMMs
     dict(max_num_batched_tokens=24, max_num_seqs=3),  # chunked prefill, few sequences at a time
@@ -97,10 +103,8 @@ def greedy(n):
 def test_mixed_workload_equals_reference(config, our_model, processors, expected):
     ours = processors[0]
     config = dict(config)
-    if "kv_cache_memory" in config:  # room for ~1.5 of the largest requests: preemption must happen
-        text = our_model.config.text_config
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
-        config["kv_cache_memory"] = 420 * per_token
+    if "kv_cache_memory" in config:
+        config["kv_cache_memory"] = preempting_kv_memory(our_model)
     engine = Engine(our_model, ours, EngineConfig(**config))
     from onevision import cpu
 
@@ -144,10 +148,8 @@ def test_varlen_attention_plumbing_gives_the_reference_tokens(our_model, process
     gathered in (total, H_kv, D), cumulative lengths, causal alignment. With that kernel's contract computed in
     torch, the mixed workload (chunked prefill, decode, a preemption) still gives transformers' tokens."""
     ours = processors[0]
-    text = our_model.config.text_config
-    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
     engine = Engine(our_model, ours, EngineConfig(max_num_batched_tokens=40, block_size=8,
-                                                  kv_cache_memory=420 * per_token))
+                                                  kv_cache_memory=preempting_kv_memory(our_model)))
     engine.runner.varlen = varlen_reference
     requests = {name: (ours.apply_chat_template(conv, **KW), greedy(LENGTHS[name])) for name, conv in WORKLOAD.items()}
     done, _ = run(engine, requests, {name: 3 * i for i, name in enumerate(WORKLOAD)})

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 from _attack_helpers import CMD, PeakRSS, Served, _env, blank_png, closed_by_peer, part, user, video
-from _server_helpers import data_uri, image_bytes, shared_ckpt, start_server
+from _server_helpers import data_uri, image_bytes, routed_fetcher, shared_ckpt, start_server
 from test_server_bad_input import P0, _base, _check, _img, _post, _user
 
 pytestmark = pytest.mark.timeout(180)
@@ -175,12 +175,8 @@ class _Trickle:
 
 def test_trickling_remote_is_cut_at_the_deadline_and_ties_up_nothing(ckpt):
     """main: each read reset the timeout (60+ s per request) and four slow fetches stalled every media request."""
-    from onevision.server.media import RemoteFetcher, open_socket
-
     trickle = _Trickle()
-    fetcher = RemoteFetcher(resolver=lambda host, port: ["93.184.216.34"],
-                            opener=lambda address, port, timeout: open_socket("127.0.0.1", trickle.port, timeout),
-                            max_concurrent=2)
+    fetcher = routed_fetcher(trickle.port, max_concurrent=2)
     try:
         with start_server(ckpt, allow_remote=True, image_fetch_timeout=1.5, max_concurrent_fetches=2,
                           fetcher=fetcher) as srv:
@@ -209,8 +205,6 @@ def test_media_work_stops_when_the_client_leaves(ckpt):
     (or decoded). main went on with all the request's media work after the client had left."""
     import http.server
 
-    from onevision.server.media import RemoteFetcher, open_socket
-
     asked: list[str] = []
     png = blank_png(64, 64)
 
@@ -227,8 +221,7 @@ def test_media_work_stops_when_the_client_leaves(ckpt):
             pass
     remote = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=remote.serve_forever, daemon=True).start()
-    fetcher = RemoteFetcher(resolver=lambda host, port: ["93.184.216.34"], opener=lambda address, port, timeout:
-                            open_socket("127.0.0.1", remote.server_address[1], timeout))
+    fetcher = routed_fetcher(remote.server_address[1])
     try:
         with start_server(ckpt, allow_remote=True, fetcher=fetcher) as srv:
             body = _base(messages=_user(_img("http://media.example/first.png"),
