@@ -234,6 +234,101 @@ def test_n_completions_share_one_prefill(our_model, processors):
     assert done["n"].prompt_token_ids == inputs["input_ids"][0].tolist() and prompt > 16
 
 
+def test_n_completions_wait_for_memory_instead_of_failing(our_model, processors, reference_model):
+    """With too few free blocks to copy the prompt's partly filled last block (a request admitted beside it took
+    them), the other completions wait and recompute it, as vLLM runs each of n: same tokens as with room to fork,
+    no error, nothing leaked."""
+    ours, ref = processors
+    text = our_model.config.text_config
+    per_block = 2 * text.num_hidden_layers * 16 * text.num_key_value_heads * text.head_dim * 4
+    x = ours.apply_chat_template([user(text="Tell me a story about a dragon")], **KW)  # 14 tokens: one partial block
+    y = ours.apply_chat_template(WORKLOAD["text"], **KW)
+    assert x["input_ids"].shape[1] % 16
+    params = SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=1)
+    roomy, _ = run(Engine(our_model, ours), {"x": (x, params)})
+    engine = Engine(our_model, ours, EngineConfig(block_size=16, kv_cache_memory=4 * per_block))
+    waited = []
+    engine.runner.logits_hook = lambda seqs, logits: waited.extend(s.index for s in seqs if s.index > 0)
+    done, _ = run(engine, {"x": (x, params), "y": (y, greedy(20))})
+    assert waited  # a completion computed its own prompt tail instead of forking
+    assert [o.token_ids for o in done["x"].outputs] == [o.token_ids for o in roomy["x"].outputs]
+    assert done["y"].outputs[0].token_ids == reference_tokens(reference_model, ref, WORKLOAD["text"], 20)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.running
+
+
+def test_abort_releases_the_text_held_back_for_a_stop_string(our_model, processors):
+    ours = processors[0]
+    engine = Engine(our_model, ours)
+    engine.add_request("a", ours.apply_chat_template(WORKLOAD["text"], **KW),
+                       SamplingParams(max_tokens=30, temperature=0, stop=["zzzz"]))
+    deltas = "".join(out.outputs[0].delta for _ in range(5) for out in engine.step())
+    final = engine.abort("a")
+    deltas += final.outputs[0].delta
+    assert final.outputs[0].finish_reason == "abort" and final.outputs[0].text and deltas == final.outputs[0].text
+
+
+def test_flat_image_list_is_read_as_the_processor_marked_it(our_model, reference_model, processors):
+    """processor(images=[a, b]) with one prompt: batch_num_images [1, 1], every image anyres (the reference's
+    reading), not multi-image mode."""
+    ours, ref = processors
+    prompt = ref.apply_chat_template([user({"type": "image"}, {"type": "image"}, text="Both?")],
+                                     add_generation_prompt=True)
+    images = [photo("cat.jpg"), photo("coffee.jpg")]
+    inputs = ours(text=prompt, images=images, return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [1, 1]
+    want = reference_model.generate(**ref(text=prompt, images=images, return_tensors="pt"), max_new_tokens=6,
+                                    do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    done, _ = run(Engine(our_model, ours), {"a": (inputs, greedy(6))})
+    assert done["a"].outputs[0].token_ids == want
+
+
+def test_weights_changed_after_packing_are_used(tiny_ckpt, processors):
+    """The engine's packed copies of float32 linears follow later writes to the weights (load_state_dict)."""
+    from onevision import LlavaOnevisionForConditionalGeneration, cpu
+
+    if not cpu._packing_works():
+        pytest.skip("this torch has no oneDNN packed linear")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    ours = processors[0]
+    inputs = ours.apply_chat_template(WORKLOAD["text"], **KW)
+    requests = {f"r{i}": (inputs, greedy(8)) for i in range(4)}  # 4 rows a step: the packed GEMMs
+    engine = Engine(model, ours)
+    assert engine.packed
+    before, _ = run(engine, requests)
+    generator = torch.Generator().manual_seed(3)
+    model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                           for k, v in model.state_dict().items()})
+    want = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert want != before["r0"].outputs[0].token_ids
+    for eng in (engine, Engine(model, ours)):  # the engine built before, and a new one on the same model
+        done, _ = run(eng, {k: (v[0], v[1]) for k, v in requests.items()})
+        assert all(out.outputs[0].token_ids == want for out in done.values())
+
+
+def test_llm_without_sampling_params_runs_the_checkpoint_generation_config(tiny_ckpt, tmp_path):
+    """vLLM's LLM reads generation_config.json; so does transformers' generate: same tokens."""
+    import json
+    import shutil
+
+    from transformers import AutoProcessor as RefProcessor
+    from transformers import LlavaOnevisionForConditionalGeneration as Reference
+
+    from onevision import LLM
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    conv = WORKLOAD["text"]
+    inputs = RefProcessor.from_pretrained(folder).apply_chat_template(conv, **KW)
+    with torch.no_grad():
+        out = Reference.from_pretrained(folder, dtype=torch.float32).eval().generate(**inputs, max_new_tokens=16)
+    llm = LLM(folder, dtype="float32")
+    assert llm.get_default_sampling_params().repetition_penalty == 1.3
+    got = llm.chat(conv, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def test_stop_strings_min_tokens_and_eos(our_model, processors, reference_model):
     ours, ref = processors
     conv = WORKLOAD["text"]

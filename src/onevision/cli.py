@@ -355,17 +355,15 @@ class ChatSession:
         self.images, self.videos, self.pending = [], [], []
 
     def sampling_params(self):
-        from onevision.engine import SamplingParams
+        from onevision.engine.params import SamplingParams, generation_defaults
 
-        args = self.args
+        args, gen = self.args, generation_defaults(self.model.generation_config)
         settings: dict[str, Any] = {"max_tokens": args.max_new_tokens, "temperature": max(args.temperature, 0.0),
-                                    "seed": args.seed}
+                                    "seed": args.seed, "repetition_penalty": gen["repetition_penalty"]
+                                    if args.repetition_penalty is None else args.repetition_penalty}
         if args.temperature > 0:
-            gen = self.model.generation_config
-            settings.update(top_p=args.top_p if args.top_p is not None else gen.top_p,
-                            top_k=args.top_k if args.top_k is not None else (gen.top_k or 0))
-        if args.repetition_penalty is not None:
-            settings["repetition_penalty"] = args.repetition_penalty
+            settings.update(top_p=args.top_p if args.top_p is not None else gen["top_p"],
+                            top_k=args.top_k if args.top_k is not None else gen["top_k"])
         return SamplingParams(**settings)
 
     def ask(self, prompt: str, out=None) -> str:

@@ -193,7 +193,15 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _packed_call(x, self.in_features):
             return F.linear(x, self.weight, self.bias)
+        if self.packed_from != weight_key(self.weight):  # the weight changed since (load_state_dict, ...)
+            self.pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack(self) -> None:
+        with torch.no_grad():
+            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                                                   PACK_ROWS_HINT), persistent=False)
+        self.packed_from = weight_key(self.weight)
 
 
 class PackedGroup:
@@ -204,18 +212,38 @@ class PackedGroup:
     in the module's __dict__, not as a submodule: no state_dict entries, no second registration of the weights."""
 
     def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
         self.in_features = linears[0].in_features
         self.sizes = [m.out_features for m in linears]
+        self.pack()
+
+    def pack(self) -> None:
+        linears = self.linears
         with torch.no_grad():
             weight = torch.cat([m.weight.detach() for m in linears])  # (sum of out, in)
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
             self.bias = None if all(m.bias is None for m in linears) else torch.cat(
                 [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+        self.packed_from = self._key()
+
+    def _key(self) -> tuple:
+        return tuple(weight_key(p) for m in self.linears for p in (m.weight, m.bias))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         if not _packed_call(x, self.in_features):
             return None
+        if self.packed_from != self._key():  # a member's weight or bias changed since
+            self.pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "").split(self.sizes, -1)
+
+
+def weight_key(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """Which values a copy or a cache was made from (packed weights here, the engine's caches): the tensor's storage and its version counter (bumped by every
+    in-place write: load_state_dict, copy_, optimizer steps; an inference-mode tensor has none, and cannot be
+    written outside inference mode)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), -1 if t.is_inference() else t._version)
 
 
 def _packed_call(x: torch.Tensor, in_features: int) -> bool:
@@ -266,12 +294,9 @@ def pack_fp32_linears(model: nn.Module, budget: int | None = None) -> int:
         return 0
     for module, name, members in groups:
         module.__dict__["fused_" + name] = PackedGroup(members)
-    with torch.no_grad():
-        for module in linears:
-            module.__class__ = PackedLinear
-            module.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(),
-                                                                                     PACK_ROWS_HINT),
-                                   persistent=False)
+    for module in linears:
+        module.__class__ = PackedLinear
+        module.pack()
     return need
 
 

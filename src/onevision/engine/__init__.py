@@ -6,7 +6,9 @@ Requests. `Engine.add_request(id, inputs, SamplingParams)` takes one sample as t
 become `MediaItem`s (sequence.py): the placeholder run each image or video fills, its processed tiles, and a
 content hash (blake2b of the tiles, the image size, multi-image vs anyres vs video mode, feature layer, select
 strategy, aspect ratio and pinpoints). A request with n > 1 runs as one sequence until its prompt is prefilled,
-then forks into n sequences sharing the prompt's KV blocks (the partly filled last block is copied).
+then forks into n sequences sharing the prompt's KV blocks (the partly filled last block is copied). A child that
+finds no free block (or no room under max_num_seqs) waits at the head of the queue as a prompt of its own, as
+vLLM runs each of n: the prefix cache gives it the full blocks and it recomputes the rest.
 
 Queues and steps (scheduler.py). `waiting` (arrival order) and `running`. Every `step()` has a token budget
 (`max_num_batched_tokens`): running sequences that decode take one token each first, so streams keep flowing

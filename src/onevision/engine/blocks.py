@@ -93,6 +93,11 @@ class BlockManager:
             if self.refs[b] == 0:
                 self.free[b] = None
 
+    def forget_hashes(self) -> None:
+        """Nothing is findable any more (the KV was computed with weights that have changed since)."""
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     def register(self, block: int, h: bytes) -> None:
         """A block became full: make it findable (the first block to hold a prefix keeps it)."""
         if h not in self.by_hash and block not in self.hash_of:

@@ -16,7 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from onevision.engine.engine import Engine, EngineConfig
-from onevision.engine.params import RequestOutput, SamplingParams
+from onevision.engine.params import (
+    RequestOutput,
+    SamplingParams,
+    default_sampling_params,
+)
 
 
 class LLM:
@@ -33,6 +37,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.processor.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What chat/generate use without sampling params: the checkpoint's generation config (greedy unless it
+        samples, its repetition penalty, ...), as transformers' generate() would run it; max_tokens 16 unless the
+        config sets max_new_tokens."""
+        return default_sampling_params(self.engine.model.generation_config)
 
     # ------------------------------------------------------------------ entry points
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -83,7 +93,7 @@ class LLM:
                                  "one per prompt")
             params = list(sampling_params)
         else:
-            params = [sampling_params or SamplingParams()] * len(items)
+            params = [sampling_params or self.get_default_sampling_params()] * len(items)
         results: list[RequestOutput | None] = [None] * len(items)
         ahead = 2 * self.engine.config.max_num_seqs  # requests prepared and queued beyond those running
         pending: Iterator[int] = iter(range(len(items)))

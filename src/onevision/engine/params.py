@@ -56,6 +56,28 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+def generation_defaults(gen) -> dict:
+    """What a checkpoint's generation config (generation/config.py GenerationConfig) asks of a request that does not
+    say, as transformers' generate() reads it: whether to sample (do_sample), and the temperature, top-k (50 unless
+    set), top-p, min-p, repetition penalty and max_new_tokens it samples with. The server merges requests over it;
+    LLM without sampling params runs it as is."""
+    return {"sample": bool(getattr(gen, "do_sample", False)), "temperature": gen.temperature, "top_p": gen.top_p,
+            "top_k": gen.top_k or 0, "min_p": gen.min_p or 0.0, "repetition_penalty": gen.repetition_penalty,
+            "max_tokens": gen.max_new_tokens}
+
+
+def default_sampling_params(gen) -> SamplingParams:
+    """SamplingParams for a request that sets nothing (vLLM's LLM.get_default_sampling_params, which likewise reads
+    the checkpoint's generation_config.json): greedy unless the config samples; max_tokens 16 (vLLM's default)
+    unless it sets max_new_tokens."""
+    d = generation_defaults(gen)
+    common = {"repetition_penalty": d["repetition_penalty"], "max_tokens": d["max_tokens"] or 16}
+    if not d["sample"]:
+        return SamplingParams(temperature=0.0, **common)
+    return SamplingParams(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"], min_p=d["min_p"],
+                          **common)
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -76,4 +98,5 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finished (time.monotonic seconds)
 
 
-__all__ = ["CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["CompletionOutput", "RequestOutput", "SamplingParams", "default_sampling_params",
+           "generation_defaults"]

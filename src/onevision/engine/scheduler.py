@@ -70,8 +70,7 @@ class Scheduler:
             if not seq.blocks:
                 self._reuse_prefix(seq)
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            reserve = seq.params.n - 1 if seq.num_generated == 0 and seq.index == 0 else 0  # blocks for forking
-            if not self._grow(seq, seq.num_computed + n, reserve):
+            if not self._grow(seq, seq.num_computed + n):
                 self.blocks.release(seq.blocks)  # keep the queue order; the hit is looked up again next time
                 seq.blocks, seq.num_computed = [], 0
                 break
@@ -94,11 +93,11 @@ class Scheduler:
         self.num_preemptions += 1
 
     # ------------------------------------------------------------------ blocks
-    def _grow(self, seq: Sequence, tokens: int, reserve: int = 0) -> bool:
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
         need = self.blocks.blocks_needed(tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        if need + reserve > self.blocks.num_free:
+        if need > self.blocks.num_free:
             return False
         seq.blocks += self.blocks.allocate(need)
         return True

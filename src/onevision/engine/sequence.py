@@ -64,9 +64,16 @@ def media_items(model_config, inputs: dict[str, Any], ids: list[int]) -> list[Me
                 if pixels is None or pixels.shape[0] != len(sizes):
                     raise ValueError(f"pixel_values must be (images, patches, 3, H, W) with one row per image_sizes "
                                      f"row ({len(sizes)}); pass one sample as the processor returns it")
-                multi = len(sizes) > 1
+                # anyres for an image alone in its sample, as the model reads batch_num_images (a flat image
+                # list to the processor gives [1, 1, ...]: every image anyres); without it, the reference's
+                # rule too: every image anyres
+                counts = inputs.get("batch_num_images")
+                counts = [1] * len(sizes) if counts is None else torch.as_tensor(counts).reshape(-1).tolist()
+                if sum(counts) != len(sizes):
+                    raise ValueError(f"batch_num_images {counts} adds up to {sum(counts)} images, but image_sizes "
+                                     f"has {len(sizes)} rows; pass the processor's outputs unchanged")
                 entries = []
-                for pv, size in zip(pixels, sizes):
+                for pv, size, multi in zip(pixels, sizes, [n > 1 for n in counts for _ in range(n)]):
                     patches = 1 if multi else geometry.num_anyres_patches(
                         tuple(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                     n = geometry.num_image_tokens(tuple(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size,

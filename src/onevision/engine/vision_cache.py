@@ -24,6 +24,10 @@ class VisionCache:
             self.entries.move_to_end(key)
         return features
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
     def put(self, key: bytes, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
         if size > self.max_bytes or key in self.entries:

@@ -179,23 +179,23 @@ def sampling_params(body: ChatCompletionRequest, model, max_new: int):
     """The request's settings over the checkpoint's generation config, as transformers' generate() merges them
     (a left-out temperature means the checkpoint's default: greedy for the llava-hf checkpoints; a sampled
     request without top_k gets the config's top_k, 50 by default). Greedy requests with n > 1 run once."""
-    from onevision.engine import SamplingParams
+    from onevision.engine.params import SamplingParams, generation_defaults
 
-    gen = model.generation_config
+    gen = generation_defaults(model.generation_config)
     # like vLLM, a temperature below 1e-5 means greedy (dividing logits by it would overflow)
-    sample = bool(getattr(gen, "do_sample", False)) if body.temperature is None else body.temperature >= 1e-5
+    sample = gen["sample"] if body.temperature is None else body.temperature >= 1e-5
     settings: dict[str, Any] = {"max_tokens": max_new, "min_tokens": body.min_tokens or 0,
                                 "repetition_penalty": body.repetition_penalty if body.repetition_penalty is not None
-                                else gen.repetition_penalty,
+                                else gen["repetition_penalty"],
                                 "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []),
                                 "seed": None if body.seed is None else body.seed % 2**63}
     if sample:
         settings.update(
             n=body.n or 1,
-            temperature=gen.temperature if body.temperature is None else body.temperature,
-            top_p=gen.top_p if body.top_p is None else body.top_p,
-            top_k=(gen.top_k or 0) if body.top_k is None else max(body.top_k, 0),
-            min_p=(gen.min_p or 0.0) if body.min_p is None else body.min_p)
+            temperature=gen["temperature"] if body.temperature is None else body.temperature,
+            top_p=gen["top_p"] if body.top_p is None else body.top_p,
+            top_k=gen["top_k"] if body.top_k is None else max(body.top_k, 0),
+            min_p=gen["min_p"] if body.min_p is None else body.min_p)
     else:  # settings that only shape sampling are dropped for greedy decoding
         settings["temperature"] = 0.0
     return SamplingParams(**settings)
