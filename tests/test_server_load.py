@@ -88,6 +88,21 @@ def test_queue_overflow_gets_503_and_nobody_hangs(ckpt):
         assert httpx.post(url, json=_body(), timeout=60).status_code == 200
 
 
+def test_waiting_counts_requests_when_one_has_n_rows(ckpt):
+    """A request with n = 3 runs as three rows but is one request: the one queued behind it is counted waiting."""
+    with start_server(ckpt, max_queue=1, max_num_seqs=3) as srv:
+        url = srv.url + "/v1/chat/completions"
+        body = _long(3000, n=3, temperature=1.0, seed=0, stream=True)
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client, \
+                client.stream("POST", url, json=body) as r:
+            assert r.status_code == 200 and _wait_for(lambda: srv.engine.running == 3)
+            second = pool.submit(httpx.post, url, json=_body(), timeout=120)
+            assert _wait_for(lambda: srv.engine.running == 3 and srv.engine.waiting == 1)
+            # leaving the block disconnects the stream: the second request runs
+        assert second.result(timeout=120).status_code == 200
+        assert _wait_for(lambda: srv.engine.running == 0 and srv.engine.waiting == 0)
+
+
 def test_disconnect_mid_stream_frees_the_slot(ckpt):
     with start_server(ckpt, max_queue=0, max_num_seqs=1) as srv:
         url = srv.url + "/v1/chat/completions"

@@ -322,6 +322,7 @@ class Engine:
     def snapshot(self) -> dict[str, Any]:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_usage": self.blocks.usage,
+                "running_requests": len({seq.request_id for seq in s.running}),  # n > 1: one request, n rows
                 "kv_blocks": self.blocks.num_blocks, "preemptions": s.num_preemptions,
                 "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "vision_queries": self.vision_cache.queries, "vision_hits": self.vision_cache.hits,

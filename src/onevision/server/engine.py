@@ -125,7 +125,7 @@ class ServingEngine:
     @property
     def waiting(self) -> int:
         """Admitted requests not yet decoding (media being prepared, or queued in the engine)."""
-        return max(0, self._admitted - self.running)
+        return max(0, self._admitted - self.engine.snapshot()["running_requests"])
 
     def acquire(self) -> Slot:
         with self._lock:
