@@ -378,6 +378,24 @@ def test_default_kv_pool_holds_at_most_max_num_seqs_full_contexts(our_model, pro
     assert explicit.blocks.num_blocks > engine.blocks.num_blocks  # an explicit size is taken as given
 
 
+def test_argmax_rows_is_torch_argmax_ties_and_all():
+    from onevision.engine.runner import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 64 * 40, generator=g)
+    logits[1, 100] = logits[1, 2000] = 50.0  # a tie across chunks: the first wins
+    logits[2, 70] = logits[2, 71] = 50.0  # a tie inside a chunk
+    logits[3] = float("-inf")
+    logits[3, 2559] = 0.0  # the last column
+    logits[4] = 0.0  # all equal: column 0
+    logits[5, 1234] = float("nan")  # torch.argmax takes a NaN as the maximum
+    logits[6, 64] = 1e30
+    assert argmax_rows(logits) == logits.argmax(-1).tolist() == [logits[0].argmax().item(), 100, 70, 2559, 0, 1234,
+                                                                 64]
+    odd = torch.randn(3, 1001, generator=g)  # not a multiple of 64: torch.argmax itself
+    assert argmax_rows(odd) == odd.argmax(-1).tolist()
+
+
 def test_block_hashes_separate_images_and_chain_prefixes():
     tokens = [1, 2, 3, 4, 9, 9, 9, 9, 5, 6]
     a = block_hashes(tokens, [(4, 4, b"image-a")], 4)

@@ -23,7 +23,7 @@ from onevision.engine.params import (
     SamplingParams,
     default_sampling_params,
 )
-from onevision.engine.runner import ModelRunner, sample
+from onevision.engine.runner import ModelRunner, argmax_rows, sample
 from onevision.engine.scheduler import Scheduler
 from onevision.engine.sequence import FINISHED, RUNNING, Sequence, media_items
 from onevision.engine.vision_cache import VisionCache
@@ -224,7 +224,7 @@ class Engine:
         now = time.monotonic()
         touched: dict[str, None] = {}
         m = self.metrics
-        argmax = logits.argmax(-1).tolist() if sampled else []  # one call for every row (greedy takes it)
+        argmax = argmax_rows(logits) if sampled else []  # one call for every row (greedy takes it)
         with m.lock:
             for i, seq in enumerate(sampled):
                 if seq.finished:  # aborted meanwhile

@@ -73,6 +73,19 @@ class ModelRunner:
         return sampled, logits
 
 
+def argmax_rows(logits: torch.Tensor, chunk: int = 64) -> list[int]:
+    """Each row's argmax (the first maximum, as torch.argmax) of float32 logits (k, V). On CPU, the maxima of
+    64-wide chunks first, then the argmax inside the first chunk that holds the row's maximum: amax is vectorized
+    and argmax is not (8 x 151,936 logits: 0.44 ms against 2.7 on one core)."""
+    k, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % chunk or k == 0:
+        return logits.argmax(-1).tolist()
+    chunks = logits.view(k, -1, chunk)  # (k, V / chunk, chunk)
+    first = chunks.amax(-1).argmax(-1)  # (k,) the first chunk holding the maximum
+    inside = chunks[torch.arange(k, device=logits.device), first].argmax(-1)  # (k,)
+    return (first * chunk + inside).tolist()
+
+
 def sample(seq: Sequence, logits: torch.Tensor, eos_ids: list[int], argmax: int) -> int:
     """One token for one sequence from its (V,) float32 logits, with the reference's processing order. `argmax`:
     the logits' argmax (the engine takes it for every row in one call), which plain greedy returns."""
@@ -90,4 +103,4 @@ def sample(seq: Sequence, logits: torch.Tensor, eos_ids: list[int], argmax: int)
     return int(sampling.choose(scores, not p.greedy, seq.generator)[0])
 
 
-__all__ = ["ModelRunner", "sample"]
+__all__ = ["ModelRunner", "argmax_rows", "sample"]
