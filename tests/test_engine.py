@@ -282,6 +282,27 @@ def test_flat_image_list_is_read_as_the_processor_marked_it(our_model, reference
     assert done["a"].outputs[0].token_ids == want
 
 
+def test_a_vision_pass_that_fails_midway_is_redone_not_resumed(our_model, processors, expected):
+    """An error (or Ctrl-C) inside the vision tower mid-pass: the image is encoded again from its pixels, and
+    neither the cache nor a later request sees features from a half-run pass."""
+    ours = processors[0]
+    engine = Engine(our_model, ours)
+    inputs = ours.apply_chat_template(WORKLOAD["photo"], **KW)
+    layer = our_model.model.vision_tower.encoder.layers[1]
+    handle = layer.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("simulated out of memory")))
+    engine.add_request("a", inputs, greedy(LENGTHS["photo"]))
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            engine.step()
+    finally:
+        handle.remove()
+    engine.abort("a")
+    assert not engine.encoder.busy  # the half-run pass is dropped with its request
+    done, _ = run(engine, {"b": (inputs, greedy(LENGTHS["photo"])), "c": (inputs, greedy(LENGTHS["photo"]))},
+                  arrivals={"c": 40})
+    assert done["b"].outputs[0].token_ids == done["c"].outputs[0].token_ids == expected["photo"]
+
+
 def test_weights_changed_after_packing_are_used(tiny_ckpt, processors):
     """The engine's packed copies of float32 linears follow later writes to the weights (load_state_dict)."""
     from onevision import LlavaOnevisionForConditionalGeneration, cpu

@@ -68,9 +68,17 @@ class VisionEncoder:
             groups, state = self.job
             tiles = state.x.shape[0]
             layers = None if token_budget is None else max(1, int(token_budget / (self.cost * tiles)))
-            if not self.model.model.vision_tower.advance(state, layers):
-                return
-            self._finish(groups, state)
+            try:
+                if not self.model.model.vision_tower.advance(state, layers):
+                    return
+                self._finish(groups, state)
+            except BaseException:  # an error or Ctrl-C inside the pass: its items start again from their pixels
+                self.job = None
+                for group in reversed(groups):
+                    if group[0].features is None:
+                        self.queue[group[0].hash] = group
+                        self.queue.move_to_end(group[0].hash, last=False)
+                raise
             if token_budget is not None:
                 return
 

@@ -117,12 +117,12 @@ class SiglipVisionTower(nn.Module):
         """Run up to `max_layers` more layers (all when None); True once the pass is complete."""
         stop = state.last if max_layers is None else min(state.last, state.done + max_layers)
         for i in range(state.done + 1, stop + 1):
-            state.x, weights = self.encoder.layers[i - 1](state.x, state.attentions is not None)
+            x, weights = self.encoder.layers[i - 1](state.x, state.attentions is not None)
             if i in state.wanted:
-                state.kept[i] = state.x  # only the requested layers stay alive
+                state.kept[i] = x  # only the requested layers stay alive
             if state.attentions is not None:
                 state.attentions.append(weights)
-        state.done = stop
+            state.x, state.done = x, i  # progress per layer: an interrupted pass never runs a layer twice
         return state.finished
 
 
