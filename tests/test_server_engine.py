@@ -98,3 +98,19 @@ def test_second_turn_reuses_the_first_and_metrics_parse(ckpt):
     assert value["vllm:time_to_first_token_seconds_count"] == 2
     assert families["vllm:inter_token_latency_seconds"].type == "histogram"
     assert 0 <= value["vllm:kv_cache_usage_perc"] <= 1
+    assert all(f.type != "unknown" and f.samples for f in families.values())  # every sample under its TYPE line
+    assert families["vllm:generation_tokens"].type == "counter"
+    assert sum(s.value for s in families["vllm:request_success"].samples) == 2
+
+
+def test_metrics_text_escapes_label_values():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from onevision.engine.metrics import Metrics, prometheus_text
+
+    name = 'C:\\models\\"tiny"\nv2'
+    state = dict(running=1, waiting=2, kv_usage=0.5, preemptions=0, prefix_queries=0, prefix_hits=0,
+                 vision_queries=0, vision_hits=0)
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(Metrics(), state, name))}
+    sample = families["vllm:num_requests_waiting"].samples[0]
+    assert sample.labels["model_name"] == name and sample.value == 2

@@ -46,8 +46,13 @@ class Metrics:
         self.finished[reason] = self.finished.get(reason, 0) + 1
 
 
+def _escape(value: str) -> str:
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _line(name: str, value: float, labels: dict[str, str]) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
     return f"{name}{{{inner}}} {value}" if inner else f"{name} {value}"
 
 
@@ -57,6 +62,8 @@ def prometheus_text(metrics: Metrics, state: dict, model_name: str) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float, dict]]) -> None:
+        if kind == "counter":  # format 0.0.4 names a counter by its sample, x_total (prometheus_client does too)
+            name += "_total"
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(_line(n, v, {**base, **labels}) for n, v, labels in samples)
