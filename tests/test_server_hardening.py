@@ -128,6 +128,15 @@ def test_big_images_are_decoded_reduced_and_upright():
     source.save(png, format="PNG")
     assert decode_image(png.getvalue(), MediaLimits(), need=336).size == (800, 400)
     assert decode_image(png.getvalue(), MediaLimits(), need=None).size == (2400, 1200)  # unknown need: full
+    # transparency is dropped before the reduction, as the full decode drops it (reduce() alone would average
+    # the colour of transparent pixels away)
+    rgba = Image.new("RGBA", (800, 800), (250, 10, 10, 0))
+    rgba.paste((10, 10, 250, 255), (0, 0, 800, 400))
+    png = io.BytesIO()
+    rgba.save(png, format="PNG")
+    reduced = decode_image(png.getvalue(), MediaLimits(), need=336)
+    assert reduced.size == (400, 400) and reduced.getpixel((200, 300)) == (250, 10, 10)
+    assert reduced.getpixel((200, 100)) == load_image(png.getvalue()).getpixel((400, 200)) == (10, 10, 250)
 
 
 def test_json_elements_are_counted_outside_strings():

@@ -360,19 +360,18 @@ def _decode_image(data: bytes, probe: Probe, limits: MediaLimits):
             if image.format == "JPEG":
                 image.draft("RGB", (probe.width // probe.scale, probe.height // probe.scale))
             image.load()
-            if image.mode == "1":
-                image = image.convert("L")
-            elif image.mode not in ("RGB", "RGBA", "L", "LA"):
-                image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-            scale = _scale(*image.size, probe.need)
-            reduced = image.reduce(scale) if scale >= 2 else image
+            # RGB first, as load_image (and transformers') converts: alpha dropped, not averaged in by reduce()
+            rgb = image.convert("RGB")
             del image
+            scale = _scale(*rgb.size, probe.need)
+            reduced = rgb.reduce(scale) if scale >= 2 else rgb
+            del rgb
         transpose = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                      7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}.get(orientation)
         if transpose is not None:
             reduced = reduced.transpose(transpose)
-        return reduced.convert("RGB")
+        return reduced
     except (ProcessingError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError):
         raise InvalidRequest(f"could not decode the image (corrupt or truncated; supported: {IMAGE_FORMATS})",
                              code="invalid_image") from None
