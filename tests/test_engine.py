@@ -346,6 +346,7 @@ def test_llm_without_sampling_params_runs_the_checkpoint_generation_config(tiny_
         out = Reference.from_pretrained(folder, dtype=torch.float32).eval().generate(**inputs, max_new_tokens=16)
     llm = LLM(folder, dtype="float32")
     assert llm.get_default_sampling_params().repetition_penalty == 1.3
+    assert llm.chat([], use_tqdm=False) == []  # no conversations, no outputs
     got = llm.chat(conv, use_tqdm=False)[0].outputs[0].token_ids
     assert got == out[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -382,6 +383,8 @@ def test_bad_requests_are_refused_with_a_reason(our_model, processors):
     broken["input_ids"] = inputs["input_ids"][:, 5:]  # lost some placeholders
     with pytest.raises(ValueError, match="placeholder tokens"):
         engine.add_request("c", broken, SamplingParams())
+    with pytest.raises(ValueError, match=r"token ids in \[0, 152000\).*got 152000"):
+        engine.add_request("d", {"input_ids": [[1, 2, 152000]]}, SamplingParams())
     with pytest.raises(ValueError, match="n=2 with greedy"):
         SamplingParams(n=2, temperature=0)
     with pytest.raises(ValueError, match="top_p"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -168,6 +169,11 @@ class Engine:
             ids = ids[0]
         if not ids:
             raise ValueError("the prompt is empty (no input_ids)")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got {bad[0]!r}")
+        ids = [int(t) for t in ids]
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room or room <= 0:

@@ -50,7 +50,9 @@ class LLM:
              **processor_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of them; content parts in transformers' form
         ({"type": "image", "image"|"url"|"path": ...}) or OpenAI's ({"type": "image_url", "image_url": {"url"}})."""
-        conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]
+        if not messages:
+            return []
+        conversations = messages if isinstance(messages[0], (list, tuple)) else [messages]
 
         def prepare(conversation):
             return self.processor.apply_chat_template(
