@@ -411,3 +411,13 @@ def test_ctrl_c_under_ray_stops_after_the_batch_in_hand():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_input_lines_are_read_streamed_bom_crlf_and_blanks_aside(tmp_path):
+    from onevision.batch.records import parse_line, read_lines
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"custom_id": "a", "body": {}}\r\n\r\n  \n{"custom_id": "b", "body": {}}\n')
+    lines = list(read_lines(path))
+    assert [n for n, _ in lines] == [1, 4]  # numbers as an editor shows them; blank lines skipped
+    assert [parse_line(n, raw).custom_id for n, raw in lines] == ["a", "b"]  # the BOM is not part of line 1

@@ -102,6 +102,8 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             raw = raw.rstrip(b"\r\n")
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
+                raw = raw[3:]
             if raw.strip():
                 yield number, raw
 
