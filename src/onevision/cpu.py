@@ -238,9 +238,9 @@ class PackedGroup:
 
 
 def weight_key(t: torch.Tensor | None) -> tuple[int, int] | None:
-    """Which values a copy or a cache was made from (packed weights here, the engine's caches): the tensor's storage and its version counter (bumped by every
-    in-place write: load_state_dict, copy_, optimizer steps; an inference-mode tensor has none, and cannot be
-    written outside inference mode)."""
+    """Which values a copy or a cache was made from (packed weights here, the engine's caches): the tensor's
+    storage and its version counter (bumped by every in-place write: load_state_dict, copy_, optimizer steps; an
+    inference-mode tensor has none, and cannot be written outside inference mode)."""
     if t is None:
         return None
     return (t.data_ptr(), -1 if t.is_inference() else t._version)

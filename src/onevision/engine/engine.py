@@ -18,12 +18,7 @@ from onevision import cpu
 from onevision.engine.blocks import BlockManager
 from onevision.engine.encoder import VisionEncoder
 from onevision.engine.metrics import Metrics
-from onevision.engine.params import (
-    CompletionOutput,
-    RequestOutput,
-    SamplingParams,
-    default_sampling_params,
-)
+from onevision.engine.params import CompletionOutput, RequestOutput, SamplingParams, default_sampling_params
 from onevision.engine.runner import ModelRunner, argmax_rows, sample
 from onevision.engine.scheduler import Scheduler
 from onevision.engine.sequence import FINISHED, RUNNING, Sequence, media_items
@@ -136,11 +131,7 @@ class Engine:
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = "auto", device: str = "cpu",
                         quantize: str | None = None, processor: Any = None, **config: Any) -> Engine:
         """Load a checkpoint folder or hub id (quantize: "int8" / "int4" weight-only, CPU) and its processor."""
-        from onevision import (
-            AutoProcessor,
-            LlavaOnevisionForConditionalGeneration,
-            quantization,
-        )
+        from onevision import AutoProcessor, LlavaOnevisionForConditionalGeneration, quantization
 
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
         if quantize:

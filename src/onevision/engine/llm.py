@@ -16,11 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from onevision.engine.engine import Engine, EngineConfig
-from onevision.engine.params import (
-    RequestOutput,
-    SamplingParams,
-    default_sampling_params,
-)
+from onevision.engine.params import RequestOutput, SamplingParams, default_sampling_params
 
 
 class LLM:
