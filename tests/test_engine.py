@@ -304,7 +304,10 @@ def test_a_vision_pass_that_fails_midway_is_redone_not_resumed(our_model, proces
 
 
 def test_weights_changed_after_packing_are_used(tiny_ckpt, processors):
-    """The engine's packed copies of float32 linears follow later writes to the weights (load_state_dict)."""
+    """The engine's packed copies of float32 linears follow later writes to the weights (load_state_dict), and so
+    do its prefix and vision caches: the answers equal transformers' on the same new weights."""
+    from transformers import LlavaOnevisionForConditionalGeneration as Reference
+
     from onevision import LlavaOnevisionForConditionalGeneration, cpu
 
     if not cpu._packing_works():
@@ -317,9 +320,14 @@ def test_weights_changed_after_packing_are_used(tiny_ckpt, processors):
     assert engine.packed
     before, _ = run(engine, requests)
     generator = torch.Generator().manual_seed(3)
-    model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-                           for k, v in model.state_dict().items()})
-    want = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    new_weights = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                   for k, v in model.state_dict().items()}
+    model.load_state_dict(new_weights)
+    reference = Reference.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    reference.load_state_dict(new_weights)  # the same names: the checkpoint's
+    with torch.no_grad():
+        want = reference.generate(**processors[1].apply_chat_template(WORKLOAD["text"], **KW), max_new_tokens=8,
+                                  do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     assert want != before["r0"].outputs[0].token_ids
     for eng in (engine, Engine(model, ours)):  # the engine built before, and a new one on the same model
         done, _ = run(eng, {k: (v[0], v[1]) for k, v in requests.items()})
