@@ -42,7 +42,9 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while text not in self.seen[start:]:
             left = deadline - time.monotonic()
-            assert left > 0 and self.proc.poll() is None, f"waited for {text!r}; got {self.seen[-2000:]!r}"
+            trouble = [line for line in self.seen.splitlines() if "Exception ignored" in line or "Error" in line]
+            assert left > 0 and self.proc.poll() is None, \
+                f"waited for {text!r}; got {self.seen[-2000:]!r}; lines about errors: {trouble[:5]}"
             if select.select([self.master], [], [], min(left, 0.5))[0]:
                 try:
                     self.seen += os.read(self.master, 65536).decode("utf-8", "replace")

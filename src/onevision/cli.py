@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from onevision.interrupt import deferred_interrupt
+
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 
@@ -388,15 +390,20 @@ class ChatSession:
         self.engine.add_request(request_id, inputs, self.sampling_params())
         pieces: list[str] = []
         try:
-            done = False
-            while not done:
-                for result in self.engine.step():
-                    piece = result.outputs[0].delta
-                    if piece:
-                        pieces.append(piece)
-                        out.write(piece)
-                        out.flush()
-                    done = done or result.finished
+            # Ctrl-C stops the answer between two steps (the second one at once): a KeyboardInterrupt raised
+            # anywhere in a step could land where it is swallowed (a finalizer) and the answer would run on
+            with deferred_interrupt() as interrupted:
+                done = False
+                while not done:
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
+                    for result in self.engine.step():
+                        piece = result.outputs[0].delta
+                        if piece:
+                            pieces.append(piece)
+                            out.write(piece)
+                            out.flush()
+                        done = done or result.finished
         except BaseException:
             self.engine.abort(request_id)
             raise

@@ -13,16 +13,14 @@ A row that fails becomes an error record in its stage; no row can take an actor 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import pickle
-import signal
-import threading
 from typing import Any
 
 from onevision.batch import ModelFacts, Running, State, build, load_engine
 from onevision.batch.records import Request, dumps, error_record, new_id
+from onevision.interrupt import deferred_interrupt
 
 log = logging.getLogger("onevision.batch")
 
@@ -165,37 +163,15 @@ def run_ray(items, writer, *, model: str, config, model_name: str, dtype: str, d
                         compute=ray.data.ActorPoolStrategy(
                             size=replicas, max_tasks_in_flight_per_actor=batches_per_replica,
                             max_concurrent_calls_per_actor=batches_per_replica, enable_true_multi_threading=True))
-    with stop_on_interrupt() as interrupted:
+    # Ctrl-C: the KeyboardInterrupt Python would raise inside Ray's own code makes Ray cancel the tasks in flight,
+    # whose requests come back as error records, and the job goes on. The first one stops after the batch in hand.
+    with deferred_interrupt(lambda: log.warning("interrupted: stopping after the batch in hand (Ctrl-C again to "
+                                                "stop at once; a rerun resumes the rest)")) as interrupted:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for record, tokens in zip(batch["record"], batch["tokens"]):
                 writer.put(json.loads(record), int(tokens))
             if interrupted.is_set():  # what is written is whole; a rerun resumes the rest
                 raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def stop_on_interrupt():
-    """Ctrl-C while Ray runs the job: the KeyboardInterrupt that Python would raise inside Ray's own code makes Ray
-    cancel the tasks in flight, whose requests come back as error records, and the job goes on. Instead the
-    first Ctrl-C sets the yielded event (the caller stops after the batch in hand) and a second one interrupts at
-    once. Off the main thread (no signal handlers there) the event is never set."""
-    interrupted = threading.Event()
-
-    def handler(signum, frame):
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        interrupted.set()
-        log.warning("interrupted: stopping after the batch in hand (Ctrl-C again to stop at once; a rerun "
-                    "resumes the rest)")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 __all__ = ["EngineStage", "PrepareStage", "require_ray", "run_ray"]
