@@ -401,10 +401,10 @@ def test_ctrl_c_under_ray_stops_after_the_batch_in_hand():
     import signal
     import time
 
-    from onevision.interrupt import deferred_interrupt
+    from onevision.interrupt import interrupt_event
 
     before = signal.getsignal(signal.SIGINT)
-    with deferred_interrupt() as interrupted:
+    with interrupt_event(at_once=False) as interrupted:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # the handler runs between bytecodes
         assert interrupted.is_set()

@@ -475,6 +475,44 @@ def test_chat_session_keeps_the_conversation_in_the_engine(tiny_ckpt, our_model,
     assert session.engine.scheduler.prefix_hits >= 160  # the first turn's prompt (163 tokens) came from the cache
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
+def test_chat_ctrl_c_dropped_inside_a_step_still_stops_the_answer(tiny_ckpt, our_model, processors,
+                                                                  reference_model):
+    """Python raises KeyboardInterrupt between any two bytecodes; one that lands in a finalizer is printed as
+    "Exception ignored" and dropped (main: the chat answer then ran to its end). The session's loop also checks
+    for Ctrl-C between steps: the answer stops, the cut turn is not kept, and the next turn equals transformers."""
+    import io
+    import signal
+
+    from onevision.cli import ChatSession, build_parser
+
+    class Finalizer:
+        def __del__(self):  # Ctrl-C arriving here: the handler's KeyboardInterrupt is dropped by Python
+            signal.raise_signal(signal.SIGINT)
+
+    ours, ref = processors
+    args = build_parser().parse_args(["chat", "--model", str(tiny_ckpt), "--max-new-tokens", "30"])
+    session = ChatSession(our_model, ours, args)
+    steps = []
+
+    def step(original=session.engine.step):
+        steps.append(original())
+        if len(steps) == 3:
+            Finalizer()  # collected at once, inside the step
+        return steps[-1]
+
+    session.engine.step = step
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("Tell me a long story.", out)
+    assert len(steps) == 3 and not session.engine.requests and session.messages == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    session.engine.step = session.engine.__class__.step.__get__(session.engine)
+    answer = session.ask("What is shown here?", out)
+    assert answer == ref.decode(reference_tokens(reference_model, ref, [user(text="What is shown here?")], 30),
+                                skip_special_tokens=True)
+
+
 def test_precomputed_vision_features_give_the_reference_logits(our_model, reference_model, processors):
     """The vision stage on its own: encode_images / encode_videos outputs passed to forward and generate."""
     ours = processors[0]

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from onevision.interrupt import deferred_interrupt
+from onevision.interrupt import interrupt_event
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
@@ -390,9 +390,9 @@ class ChatSession:
         self.engine.add_request(request_id, inputs, self.sampling_params())
         pieces: list[str] = []
         try:
-            # Ctrl-C stops the answer between two steps (the second one at once): a KeyboardInterrupt raised
-            # anywhere in a step could land where it is swallowed (a finalizer) and the answer would run on
-            with deferred_interrupt() as interrupted:
+            # Ctrl-C raises KeyboardInterrupt at once; should it land where it is swallowed (a finalizer), the
+            # answer still stops at the end of the step instead of running on
+            with interrupt_event() as interrupted:
                 done = False
                 while not done:
                     if interrupted.is_set():

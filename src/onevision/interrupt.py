@@ -1,10 +1,9 @@
-"""Ctrl-C at a safe point: the first SIGINT only sets an event that a loop checks between steps; a second one
-raises KeyboardInterrupt at once.
+"""Ctrl-C that a loop cannot miss: an event set by the SIGINT handler, checked by the loop between its steps.
 
 Python raises KeyboardInterrupt between any two bytecodes, and some places do not let it out: a finalizer or a
-weakref callback prints "Exception ignored" and goes on, and library code catching broadly (Ray's task code) turns
-it into something else. Loops that keep going after Ctrl-C (the chat session keeps its model and history, a batch
-job keeps what it wrote) stop where their state is whole instead.
+weakref callback prints "Exception ignored" and goes on, and library code that catches broadly (Ray's task code)
+turns it into something else. Loops that must stop on Ctrl-C and keep their state (the chat session keeps its
+model and history, a batch job what it wrote) also check the event between steps.
 """
 
 from __future__ import annotations
@@ -16,18 +15,21 @@ from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
-def deferred_interrupt(on_first: Callable[[], None] | None = None) -> Iterator[threading.Event]:
-    """Within the block, the first Ctrl-C sets the yielded event (and calls `on_first`, e.g. to say what happens
-    now); a second raises KeyboardInterrupt where the code is. The previous handler comes back on exit. Off the
-    main thread (Python runs signal handlers there only) nothing is installed and the event is never set."""
+def interrupt_event(at_once: bool = True, on_first: Callable[[], None] | None = None) -> Iterator[threading.Event]:
+    """Within the block, Ctrl-C sets the yielded event. at_once: the first Ctrl-C also raises KeyboardInterrupt
+    where the code is, as Python does (the event still stops the loop should that exception be swallowed);
+    otherwise only a second one raises, and the first calls `on_first` (e.g. to say what happens now). The
+    previous handler comes back on exit. Off the main thread (Python runs signal handlers there only) nothing is
+    installed and the event is never set."""
     interrupted = threading.Event()
 
     def handler(signum, frame):
-        if interrupted.is_set():
-            raise KeyboardInterrupt
+        first = not interrupted.is_set()
         interrupted.set()
-        if on_first is not None:
+        if first and on_first is not None:
             on_first()
+        if at_once or not first:
+            raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield interrupted
@@ -39,4 +41,4 @@ def deferred_interrupt(on_first: Callable[[], None] | None = None) -> Iterator[t
         signal.signal(signal.SIGINT, previous)
 
 
-__all__ = ["deferred_interrupt"]
+__all__ = ["interrupt_event"]

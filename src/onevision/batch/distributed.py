@@ -20,7 +20,7 @@ from typing import Any
 
 from onevision.batch import ModelFacts, Running, State, build, load_engine
 from onevision.batch.records import Request, dumps, error_record, new_id
-from onevision.interrupt import deferred_interrupt
+from onevision.interrupt import interrupt_event
 
 log = logging.getLogger("onevision.batch")
 
@@ -165,8 +165,11 @@ def run_ray(items, writer, *, model: str, config, model_name: str, dtype: str, d
                             max_concurrent_calls_per_actor=batches_per_replica, enable_true_multi_threading=True))
     # Ctrl-C: the KeyboardInterrupt Python would raise inside Ray's own code makes Ray cancel the tasks in flight,
     # whose requests come back as error records, and the job goes on. The first one stops after the batch in hand.
-    with deferred_interrupt(lambda: log.warning("interrupted: stopping after the batch in hand (Ctrl-C again to "
-                                                "stop at once; a rerun resumes the rest)")) as interrupted:
+    def say_stopping():
+        log.warning("interrupted: stopping after the batch in hand (Ctrl-C again to stop at once; a rerun resumes "
+                    "the rest)")
+
+    with interrupt_event(at_once=False, on_first=say_stopping) as interrupted:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for record, tokens in zip(batch["record"], batch["tokens"]):
                 writer.put(json.loads(record), int(tokens))
