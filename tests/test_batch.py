@@ -394,9 +394,9 @@ def test_remote_fetches_beyond_the_limit_wait_in_a_batch_job_and_are_refused_by_
 
 def test_ctrl_c_under_ray_stops_after_the_batch_in_hand():
     """Python's KeyboardInterrupt, raised inside Ray's code, made Ray cancel the tasks in flight (their requests
-    became error records) and the job went on; the Ray path (and the chat session) take Ctrl-C themselves: the
-    first one sets an event the loop checks between batches (steps), a second one interrupts at once, and the
-    previous handler comes back."""
+    became error records) and the job went on; the Ray path takes Ctrl-C itself (interrupt_event, at_once=False):
+    the first one sets an event the loop checks between batches, a second one interrupts at once, and the previous
+    handler comes back."""
     import os
     import signal
     import time

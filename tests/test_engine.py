@@ -507,7 +507,7 @@ def test_chat_ctrl_c_dropped_inside_a_step_still_stops_the_answer(tiny_ckpt, our
         session.ask("Tell me a long story.", out)
     assert len(steps) == 3 and not session.engine.requests and session.messages == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    session.engine.step = session.engine.__class__.step.__get__(session.engine)
+    del session.engine.step  # the engine's own step again
     answer = session.ask("What is shown here?", out)
     assert answer == ref.decode(reference_tokens(reference_model, ref, [user(text="What is shown here?")], 30),
                                 skip_special_tokens=True)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 
 @contextlib.contextmanager
 def interrupt_event(at_once: bool = True, on_first: Callable[[], None] | None = None) -> Iterator[threading.Event]:
-    """Within the block, Ctrl-C sets the yielded event. at_once: the first Ctrl-C also raises KeyboardInterrupt
-    where the code is, as Python does (the event still stops the loop should that exception be swallowed);
-    otherwise only a second one raises, and the first calls `on_first` (e.g. to say what happens now). The
-    previous handler comes back on exit. Off the main thread (Python runs signal handlers there only) nothing is
+    """Within the block, Ctrl-C sets the yielded event, and the first one calls `on_first` (e.g. to say what happens
+    now). at_once: the first Ctrl-C also raises KeyboardInterrupt where the code is, as Python does (the event still
+    stops the loop should that exception be swallowed); otherwise only a second one raises. The previous handler
+    comes back on exit. Off the main thread (Python runs signal handlers there only) nothing is
     installed and the event is never set."""
     interrupted = threading.Event()
 
